@@ -1,0 +1,161 @@
+"""An asynchronously fetched, cached JSON Web Key Set (RFC 7517).
+
+The set is fetched with ``httpx.AsyncClient`` (the event loop is never blocked), kept for
+``cache_ttl`` seconds, and refetched early when a token names an unknown ``kid`` — at most
+once per ``min_refresh_interval``, so a flood of made-up key ids cannot become a flood of
+fetches. Concurrent misses share one fetch. A failed fetch keeps the last good set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..errors import ConfigurationError, InvalidTokenError, ServiceUnavailableError
+from .keys import Verifier, load_jwks
+from .options import seconds_option
+
+__all__ = ["JWKSClient", "check_url"]
+
+logger = logging.getLogger("ctxvars_mw.auth")
+
+#: The largest JWKS document accepted, in bytes.
+MAX_JWKS_BYTES = 1 << 20
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain"})
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(option: str, url: object) -> str:
+    """``url`` if it is https (or http on a loopback host); ConfigurationError otherwise."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"{option} must be a URL string")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host or parts.scheme not in ("https", "http"):
+        raise ConfigurationError(f"{option} must be an absolute https URL")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ConfigurationError(f"{option} must use https (plain http only on loopback hosts)")
+    return url
+
+
+class JWKSClient:
+    """Signing keys from a JWKS URL, looked up by ``(kid, alg)``."""
+
+    def __init__(
+        self,
+        url: str,
+        algorithms: tuple[str, ...],
+        *,
+        cache_ttl: float,
+        min_refresh_interval: float,
+        timeout: float = 5.0,
+        http_client: httpx.AsyncClient | None = None,
+        retry_after: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = check_url("jwks_url", url)
+        self.algorithms = algorithms
+        self.cache_ttl = seconds_option("jwks_cache_ttl", cache_ttl, above=True)
+        self.min_refresh_interval = seconds_option(
+            "jwks_min_refresh_interval", min_refresh_interval, above=True
+        )
+        self.timeout = seconds_option("jwks_timeout", timeout, above=True)
+        self.retry_after = retry_after
+        self._client = http_client
+        # Built once: an SSL context is expensive, and fetches use a short-lived client.
+        self._ssl: ssl.SSLContext | None = None
+        if http_client is None and self.url.startswith("https:"):
+            self._ssl = ssl.create_default_context()
+        self._clock = clock
+        self._keys: dict[tuple[str, str], Verifier] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        #: Successful fetches so far (for monitoring and tests).
+        self.fetch_count = 0
+
+    async def verifier(self, kid: str | None, alg: str) -> Verifier:
+        """The key for ``(kid, alg)``, refreshing the set when it is stale or lacks ``kid``."""
+        if kid is None:
+            raise InvalidTokenError("The token does not name its signing key (kid).")
+        now = self._clock()
+        found = self._keys.get((kid, alg))
+        fresh = self._fetched_at is not None and now - self._fetched_at < self.cache_ttl
+        if found is not None and fresh:
+            return found
+        inflight = self._inflight is not None and not self._inflight.done()
+        if (
+            inflight  # join the fetch under way (concurrent misses share it)
+            or self._attempted_at is None
+            or now - self._attempted_at >= self.min_refresh_interval
+        ):
+            await self.refresh()
+            found = self._keys.get((kid, alg))
+        if found is not None:
+            return found
+        if self._fetched_at is None:
+            raise ServiceUnavailableError(
+                "The signing keys could not be fetched.", retry_after=self.retry_after
+            )
+        raise InvalidTokenError("The token's signing key is unknown.")
+
+    async def refresh(self) -> None:
+        """Fetch the set now (joining a fetch already under way); never raises."""
+        loop = asyncio.get_running_loop()
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._attempted_at = self._clock()
+            task = loop.create_task(self._fetch())
+            self._inflight = task
+        await asyncio.shield(task)
+
+    async def _fetch(self) -> None:
+        try:
+            keys = load_jwks(json.loads(await self._download()), self.algorithms)
+        except Exception as exc:  # any failure keeps the last good set
+            logger.warning(
+                "JWKS fetch from %s failed (%s); keeping the last good key set",
+                self.url,
+                type(exc).__name__,
+            )
+            return
+        if not keys:
+            logger.warning("JWKS at %s has no usable keys; keeping the last good set", self.url)
+            return
+        self._keys = keys
+        self._fetched_at = self._clock()
+        self.fetch_count += 1
+
+    async def _download(self) -> bytes:
+        if self._client is not None:
+            return await self._read(self._client)
+        verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+        async with httpx.AsyncClient(verify=verify, timeout=self.timeout) as client:
+            return await self._read(client)
+
+    async def _read(self, client: httpx.AsyncClient) -> bytes:
+        headers = {"Accept": "application/json"}
+        async with client.stream("GET", self.url, headers=headers, timeout=self.timeout) as resp:
+            resp.raise_for_status()
+            body = bytearray()
+            async for chunk in resp.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError("the JWKS document is too large")
+            return bytes(body)

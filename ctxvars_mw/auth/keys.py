@@ -1,0 +1,146 @@
+"""Verification keys for JWTs, loaded once into key objects for each allowed algorithm.
+
+Decisions (documented in the README):
+
+- The algorithm allow-list is mandatory and explicit; ``none`` is never accepted, and HMAC
+  (``HS*``) may not be mixed with public-key algorithms in one authenticator (that mix is
+  what algorithm-confusion attacks exploit).
+- An HMAC secret must be at least as long as the hash output (32 bytes for HS256, 48 for
+  HS384, 64 for HS512, RFC 7518 §3.2); a PEM/SSH/DER key is refused as a secret.
+- RS/PS/ES/EdDSA keys must be *public* keys: a verifier has no business holding the signing
+  key, so a private key is refused (pass ``private_key.public_key()``). RSA keys must have
+  at least 2048 bits; an EC key's curve must match the algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+from jwt import PyJWK
+from jwt.algorithms import Algorithm, get_default_algorithms
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "HMAC_ALGORITHMS",
+    "SUPPORTED_ALGORITHMS",
+    "Verifier",
+    "check_algorithms",
+    "load_jwks",
+    "load_static_key",
+]
+
+logger = logging.getLogger("ctxvars_mw.auth")
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_FAMILIES: dict[str, frozenset[str]] = {
+    "oct": HMAC_ALGORITHMS,
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC": frozenset({"ES256", "ES256K", "ES384", "ES512"}),
+    "OKP": frozenset({"EdDSA"}),
+}
+SUPPORTED_ALGORITHMS = frozenset().union(*_FAMILIES.values())
+_PUBLIC_TYPES = (RSAPublicKey, EllipticCurvePublicKey, Ed25519PublicKey, Ed448PublicKey)
+_ALGORITHMS: dict[str, Algorithm] = {
+    name: alg for name, alg in get_default_algorithms().items() if name in SUPPORTED_ALGORITHMS
+}
+#: At most this many keys of a JWKS are considered.
+MAX_JWKS_KEYS = 64
+
+#: An algorithm's implementation and the key object it verifies with.
+Verifier = tuple[Algorithm, Any]
+
+
+def check_algorithms(algorithms: Iterable[str]) -> tuple[str, ...]:
+    """The allow-list, validated: non-empty, supported names, no HS/public-key mix."""
+    if isinstance(algorithms, (str, bytes)) or not isinstance(algorithms, Iterable):
+        raise ConfigurationError('algorithms must be a list of names, e.g. ["RS256"]')
+    names = tuple(dict.fromkeys(algorithms))
+    if not names:
+        raise ConfigurationError("algorithms must name at least one algorithm")
+    for name in names:
+        if not isinstance(name, str) or name not in SUPPORTED_ALGORITHMS:
+            shown = name if isinstance(name, str) and len(name) <= 16 else "?"
+            raise ConfigurationError(
+                f"unsupported algorithm {shown!r} (never 'none'); "
+                f"choose from {sorted(SUPPORTED_ALGORITHMS)}"
+            )
+    hmac = [n for n in names if n in HMAC_ALGORITHMS]
+    if hmac and len(hmac) != len(names):
+        raise ConfigurationError("HS* algorithms cannot be mixed with public-key algorithms")
+    return names
+
+
+def _material(key: Any, alg: Algorithm) -> Any:
+    """``key`` in a form ``alg.prepare_key`` accepts (JWKs are converted first)."""
+    if isinstance(key, PyJWK):
+        return key.key
+    if isinstance(key, Mapping):
+        return alg.from_jwk(json.dumps(dict(key)))
+    return key
+
+
+def _prepare(name: str, material: Any) -> Verifier:
+    """Load ``material`` for algorithm ``name``; ConfigurationError when it does not fit."""
+    alg = _ALGORITHMS[name]
+    try:
+        prepared = alg.prepare_key(_material(material, alg))
+    except Exception as exc:  # PyJWT/cryptography raise many types for unusable keys
+        raise ConfigurationError(
+            f"the key cannot verify {name} tokens ({type(exc).__name__})"
+        ) from exc
+    if name in HMAC_ALGORITHMS:
+        if not isinstance(prepared, bytes):
+            raise ConfigurationError(f"the key for {name} must be a secret (str or bytes)")
+    elif not isinstance(prepared, _PUBLIC_TYPES):
+        raise ConfigurationError(
+            f"the key for {name} must be a public key (pass private_key.public_key())"
+        )
+    problem = alg.check_key_length(prepared)
+    if problem:
+        raise ConfigurationError(f"the key is too weak for {name}: {problem}")
+    return alg, prepared
+
+
+def load_static_key(key: Any, algorithms: tuple[str, ...]) -> dict[str, Verifier]:
+    """One verifier per allowed algorithm for a configured key (PEM, key object or JWK)."""
+    if isinstance(key, Mapping):
+        declared = key.get("alg")
+        if declared is not None and any(name != declared for name in algorithms):
+            raise ConfigurationError("the JWK's 'alg' does not match every allowed algorithm")
+    return {name: _prepare(name, key) for name in algorithms}
+
+
+def load_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[tuple[str, str], Verifier]:
+    """The usable signing keys of a JWKS document, keyed by ``(kid, alg)``.
+
+    Keys without a ``kid``, not for signing, of an unknown type, private, weak or not
+    matching an allowed algorithm are skipped. Raises ValueError for a malformed document.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("a JWKS must be a JSON object with a 'keys' list")
+    allowed = frozenset(algorithms)
+    keys: dict[tuple[str, str], Verifier] = {}
+    for jwk in document["keys"][:MAX_JWKS_KEYS]:
+        if not isinstance(jwk, dict):
+            continue
+        kid, kty = jwk.get("kid"), jwk.get("kty")
+        if not isinstance(kid, str) or not kid or jwk.get("use", "sig") != "sig" or kty == "oct":
+            continue
+        candidates = _FAMILIES.get(kty, frozenset()) if isinstance(kty, str) else frozenset()
+        declared = jwk.get("alg")
+        if declared is not None:
+            candidates = candidates & {declared}
+        for name in sorted(candidates & allowed):
+            try:
+                keys[kid, name] = _prepare(name, jwk)
+            except ConfigurationError:
+                logger.debug("skipped a JWKS key unusable for %s", name)
+    return keys

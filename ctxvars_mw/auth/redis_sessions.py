@@ -1,0 +1,215 @@
+"""RedisSessionStore: sessions shared by every process that uses the same Redis.
+
+Layout under ``prefix``: ``s:<id>`` is a hash (``user_id``, ``created``, ``last_seen``,
+``data`` as JSON) whose key TTL is ``min(idle_timeout, absolute time left)``, and ``u:<user>``
+is the set of that user's session ids (for :meth:`~RedisSessionStore.revoke_user`).
+:meth:`~RedisSessionStore.touch` is one Lua script — check both timeouts, update
+``last_seen``, reset the TTL — so a session is checked in a single atomic round trip, and
+the absolute timeout holds however often the session is touched. Revocation deletes the
+key, so every process sees it at once. Any Redis failure surfaces as
+:class:`~ctxvars_mw.ServiceUnavailableError` (the middleware answers 503, fail closed).
+
+redis-py is imported when a store is constructed, never when ``ctxvars_mw`` is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from ..errors import ConfigurationError, ServiceUnavailableError
+from ..frozen import freeze_mapping, thaw
+from .sessions import (
+    DEFAULT_ABSOLUTE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    Session,
+    new_session_id,
+    seconds,
+)
+
+__all__ = ["RedisSessionStore"]
+
+# KEYS[1] session hash; ARGV: now, idle timeout, absolute timeout (seconds, as strings).
+_TOUCH = """
+local v = redis.call('HMGET', KEYS[1], 'user_id', 'created', 'last_seen', 'data')
+if not v[1] then return false end
+local now, idle, absolute = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local age = now - tonumber(v[2])
+if age >= absolute or now - tonumber(v[3]) >= idle then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(math.min(idle, absolute - age) * 1000))
+return {v[1], v[2], ARGV[1], v[4]}
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _unavailable() -> ServiceUnavailableError:
+    return ServiceUnavailableError("The session store is unavailable.")
+
+
+class RedisSessionStore:
+    """A :class:`~ctxvars_mw.SessionStore` in Redis (redis-py asyncio), for many processes.
+
+    ``url_or_client`` is a ``redis://`` URL (a client is created with ``timeout`` seconds
+    for connecting and for each command) or a ``redis.asyncio.Redis`` client (used as is,
+    not closed by :meth:`aclose`). ``clock`` returns the current Unix time (tests).
+    """
+
+    def __init__(
+        self,
+        url_or_client: Any,
+        *,
+        idle_timeout: float | timedelta = DEFAULT_IDLE_TIMEOUT,
+        absolute_timeout: float | timedelta = DEFAULT_ABSOLUTE_TIMEOUT,
+        prefix: str = "ctxvars:session:",
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        import redis.asyncio as redis_asyncio
+        from redis.exceptions import RedisError
+
+        self.idle_timeout = seconds("idle_timeout", idle_timeout)
+        self.absolute_timeout = seconds("absolute_timeout", absolute_timeout)
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigurationError("prefix must be a non-empty string")
+        self.prefix = prefix
+        if isinstance(url_or_client, str):
+            self._redis: Any = redis_asyncio.Redis.from_url(
+                url_or_client, socket_connect_timeout=timeout, socket_timeout=timeout
+            )
+            self._owns_client = True
+        elif isinstance(url_or_client, redis_asyncio.Redis):
+            self._redis = url_or_client
+            self._owns_client = False
+        else:
+            raise ConfigurationError(
+                "url_or_client must be a redis:// URL or a redis.asyncio.Redis"
+            )
+        self._errors = (RedisError, OSError, TimeoutError)
+        self._touch = self._redis.register_script(_TOUCH)
+        self._clock = clock
+
+    def _session_key(self, session_id: str) -> str:
+        return f"{self.prefix}s:{session_id}"
+
+    def _user_key(self, user_id: str) -> str:
+        return f"{self.prefix}u:{user_id}"
+
+    def _ttl_ms(self, now: float, created: float) -> int:
+        left = min(self.idle_timeout, self.absolute_timeout - (now - created))
+        return max(1, math.ceil(left * 1000))
+
+    async def create(self, user_id: str, **data: Any) -> Session:
+        """Start a session for ``user_id`` carrying ``data`` (JSON-like values)."""
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        frozen = freeze_mapping(data)
+        sid, now = new_session_id(), self._clock()
+        fields = {
+            "user_id": user_id,
+            "created": repr(now),
+            "last_seen": repr(now),
+            "data": json.dumps(thaw(frozen), separators=(",", ":")),
+        }
+        user_key = self._user_key(user_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._session_key(sid), mapping=fields)
+                pipe.pexpire(self._session_key(sid), self._ttl_ms(now, now))
+                pipe.sadd(user_key, sid)
+                pipe.pexpire(user_key, math.ceil(self.absolute_timeout * 1000))
+                await pipe.execute()
+        except self._errors as exc:
+            raise _unavailable() from exc
+        return Session(sid, user_id, _dt(now), _dt(now), frozen)
+
+    async def get(self, session_id: str) -> Session | None:
+        """The session if it is active, else None (does not count as activity)."""
+        try:
+            raw = await self._redis.hmget(
+                self._session_key(session_id), ["user_id", "created", "last_seen", "data"]
+            )
+        except self._errors as exc:
+            raise _unavailable() from exc
+        if raw[0] is None:
+            return None
+        now = self._clock()
+        created, last_seen = float(raw[1]), float(raw[2])
+        if now - created >= self.absolute_timeout or now - last_seen >= self.idle_timeout:
+            return None
+        return self._session(session_id, raw)
+
+    async def touch(self, session_id: str) -> Session | None:
+        """Mark the session as seen now and return it, in one atomic step; None if inactive."""
+        try:
+            raw = await self._touch(
+                keys=[self._session_key(session_id)],
+                args=[repr(self._clock()), repr(self.idle_timeout), repr(self.absolute_timeout)],
+            )
+        except self._errors as exc:
+            raise _unavailable() from exc
+        return None if not raw else self._session(session_id, raw)
+
+    def _session(self, session_id: str, raw: list[Any]) -> Session:
+        user_id, created, last_seen, data = (_text(v) for v in raw)
+        return Session(
+            session_id,
+            user_id,
+            _dt(float(created)),
+            _dt(float(last_seen)),
+            freeze_mapping(json.loads(data)),
+        )
+
+    async def revoke(self, session_id: str) -> None:
+        """End one session, at once for every process (a no-op for an unknown id)."""
+        key = self._session_key(session_id)
+        try:
+            user_id = await self._redis.hget(key, "user_id")
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key)
+                if user_id is not None:
+                    pipe.srem(self._user_key(_text(user_id)), session_id)
+                await pipe.execute()
+        except self._errors as exc:
+            raise _unavailable() from exc
+
+    async def revoke_user(self, user_id: str) -> int:
+        """End every session of ``user_id``; return how many were active."""
+        from redis.exceptions import WatchError
+
+        user_key = self._user_key(user_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(user_key)
+                        sids = await pipe.smembers(user_key)
+                        pipe.multi()
+                        for sid in sids:
+                            pipe.delete(self._session_key(_text(sid)))
+                        pipe.delete(user_key)
+                        results = await pipe.execute()
+                        return int(sum(results[:-1]))
+                    except WatchError:
+                        continue  # a session was created meanwhile: read the set again
+        except self._errors as exc:
+            raise _unavailable() from exc
+
+    async def aclose(self) -> None:
+        """Close the Redis client this store created (not one passed in)."""
+        if self._owns_client:
+            await self._redis.aclose()

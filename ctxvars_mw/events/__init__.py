@@ -1,0 +1,35 @@
+"""Per-user real-time events, routed to websocket connections in one process or many.
+
+::
+
+    bus = EventBus()                      # or EventBus(RedisBackend("redis://..."))
+    async with bus:                       # start() / stop()
+        ...
+    # inside a websocket endpoint behind ContextMiddleware:
+    async with bus.connect(websocket):    # registered under the current user
+        ...
+    await bus.publish(user_id, {"kind": "token", "text": "hi"})
+
+Every delivered message is ``{"type": "event", "user_id", "event", "request_id",
+"correlation_id"}`` (plus ``"thread_id"`` for thread events), with the publisher's ids.
+``redis`` is imported only when a :class:`RedisBackend` is constructed.
+"""
+
+from __future__ import annotations
+
+from .bus import EventBus
+from .codec import DEFAULT_MAX_MESSAGE_BYTES, MalformedMessageError
+from .connection import JSONSender, Subscription
+from .local import EventBackend, LocalBackend
+from .redis_backend import RedisBackend
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "EventBackend",
+    "EventBus",
+    "JSONSender",
+    "LocalBackend",
+    "MalformedMessageError",
+    "RedisBackend",
+    "Subscription",
+]

@@ -1,0 +1,267 @@
+"""EventBus: routes events to the websockets of exactly one user (or one of their threads)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from ..context import ANONYMOUS_USER_ID
+from ..current import get_context, get_context_or_none
+from ..errors import AuthenticationRequiredError, ConfigurationError
+from ..ids import is_valid_id
+from .codec import DEFAULT_MAX_MESSAGE_BYTES, encode
+from .connection import JSONSender, Subscription
+from .local import EventBackend, LocalBackend
+
+__all__ = ["EventBus"]
+
+
+class EventBus:
+    """Per-user event routing to websocket connections, in one process or across many.
+
+    ``backend`` carries events between processes: :class:`LocalBackend` (the default, one
+    process) or :class:`RedisBackend` (many processes sharing a Redis). Routing is by exact
+    user id: an event published for one user is never queued on another user's socket.
+
+    ``queue_size`` bounds each connection's queue (the oldest event is dropped when full);
+    ``max_message_bytes`` bounds an encoded event; ``send_timeout`` (seconds, or None)
+    unregisters a socket whose ``send_json`` takes longer.
+    """
+
+    def __init__(
+        self,
+        backend: EventBackend | None = None,
+        *,
+        queue_size: int = 256,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        send_timeout: float | None = 10.0,
+    ) -> None:
+        if backend is not None and not callable(getattr(backend, "publish", None)):
+            raise ConfigurationError("backend must be an event backend (LocalBackend, ...)")
+        if not _positive_int(queue_size):
+            raise ConfigurationError("queue_size must be a positive int")
+        if not _positive_int(max_message_bytes) or max_message_bytes < 256:
+            raise ConfigurationError("max_message_bytes must be an int >= 256")
+        if send_timeout is not None and not (
+            isinstance(send_timeout, (int, float))
+            and not isinstance(send_timeout, bool)
+            and math.isfinite(send_timeout)
+            and send_timeout > 0
+        ):
+            raise ConfigurationError("send_timeout must be a positive number of seconds or None")
+        self.backend: EventBackend = backend if backend is not None else LocalBackend()
+        self._queue_size = queue_size
+        self._max_bytes = max_message_bytes
+        self._send_timeout = send_timeout
+        self._by_user: dict[str, dict[Subscription, None]] = {}
+        self._count = 0
+        self._dropped = 0
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the backend; publish and connect work from now on."""
+        if self._started:
+            raise RuntimeError("the EventBus is already started")
+        await self.backend.start(self._dispatch, self._max_bytes)
+        self._started = True
+
+    async def stop(self) -> None:
+        """Unregister every connection (their queued events are discarded); stop the backend."""
+        if not self._started:
+            return
+        self._started = False
+        subscriptions = [sub for subs in self._by_user.values() for sub in subs]
+        for sub in subscriptions:
+            self._forget(sub)
+        for sub in subscriptions:
+            await sub.close()
+        await self.backend.stop()
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def connect(self, websocket: JSONSender, *, thread_id: str | None = None) -> _Connect:
+        """Register ``websocket`` under the current context's user for an ``async with`` block.
+
+        With ``thread_id``, the socket receives the user's events published to that thread
+        and those published to the user as a whole; without, it receives every event of the
+        user. The current context must be authenticated (``AuthenticationRequiredError``
+        otherwise): anonymous users share one id and must never share events.
+        """
+        if not callable(getattr(websocket, "send_json", None)):
+            raise TypeError("connect() needs an object with an async send_json(obj) method")
+        if thread_id is not None and not _valid_id(thread_id):
+            raise ValueError("thread_id must be a valid id")
+        return _Connect(self, websocket, thread_id)
+
+    @property
+    def connection_count(self) -> int:
+        """How many connections are registered on this process."""
+        return self._count
+
+    @property
+    def user_count(self) -> int:
+        """How many users have at least one connection registered on this process."""
+        return len(self._by_user)
+
+    @property
+    def dropped_count(self) -> int:
+        """How many events the drop-oldest policy has discarded on this process."""
+        return self._dropped
+
+    def connections_for(self, user_id: str) -> int:
+        """How many connections ``user_id`` has registered on this process."""
+        return len(self._by_user.get(user_id, ()))
+
+    def _register(self, sub: Subscription) -> None:
+        if not self._started:
+            raise RuntimeError("the EventBus is not started: call await bus.start() first")
+        subs = self._by_user.get(sub.user_id)
+        if subs is None:
+            subs = self._by_user[sub.user_id] = {}
+        subs[sub] = None
+        self._count += 1
+
+    def _forget(self, sub: Subscription) -> None:
+        if not sub.active:
+            return
+        sub.active = False
+        subs = self._by_user.get(sub.user_id)
+        if subs is None or sub not in subs:
+            return
+        del subs[sub]
+        self._count -= 1
+        if not subs:
+            del self._by_user[sub.user_id]
+            if self._started:
+                self.backend.unsubscribe(sub.user_id)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, user_id: str, event: Mapping[str, Any]) -> None:
+        """Deliver ``event`` (a JSON-serializable mapping) to every connection of ``user_id``.
+
+        The message carries the publisher's ``request_id`` and ``correlation_id`` (None
+        outside a request). ``TypeError``/``ValueError`` for a bad user id or event, or an
+        event over ``max_message_bytes``; ``ServiceUnavailableError`` when the backend (Redis)
+        is unreachable.
+        """
+        await self._publish(user_id, None, event)
+
+    async def publish_to_thread(
+        self, user_id: str, thread_id: str, event: Mapping[str, Any]
+    ) -> None:
+        """Deliver ``event`` to ``user_id``'s connections for ``thread_id`` (and the user's
+        connections registered without a thread); never to the user's other threads."""
+        if not _valid_id(thread_id):
+            raise ValueError("thread_id must be a valid id")
+        await self._publish(user_id, thread_id, event)
+
+    async def publish_to_current_user(self, event: Mapping[str, Any]) -> None:
+        """:meth:`publish` to the current context's user (which must be authenticated)."""
+        ctx = get_context()
+        if not ctx.is_authenticated:
+            raise AuthenticationRequiredError("events need an authenticated user")
+        await self._publish(ctx.user_id, None, event)
+
+    async def _publish(self, user_id: str, thread_id: str | None, event: Mapping[str, Any]) -> None:
+        if not isinstance(user_id, str):
+            raise TypeError("user_id must be a string")
+        if not _valid_id(user_id):
+            raise ValueError("user_id must be a valid, authenticated user id")
+        if not self._started:
+            raise RuntimeError("the EventBus is not started: call await bus.start() first")
+        ctx = get_context_or_none()
+        if ctx is None:
+            data = encode(user_id, thread_id, event, None, None, self._max_bytes)
+        else:
+            data = encode(
+                user_id, thread_id, event, ctx.request_id, ctx.correlation_id, self._max_bytes
+            )
+        await self.backend.publish(user_id, data)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        """Queue a validated envelope on its user's connections (called by the backend)."""
+        subs = self._by_user.get(message["user_id"])
+        if not subs:
+            return
+        thread_id = message.get("thread_id")
+        for sub in subs:
+            if (
+                thread_id is None or sub.thread_id is None or sub.thread_id == thread_id
+            ) and sub.enqueue(message):
+                self._dropped += 1
+
+
+class _Connect:
+    """The ``async with bus.connect(ws)`` block: registers on entry, unregisters on exit."""
+
+    __slots__ = ("_bus", "_sub", "_thread_id", "_websocket")
+
+    def __init__(self, bus: EventBus, websocket: JSONSender, thread_id: str | None) -> None:
+        self._bus = bus
+        self._websocket = websocket
+        self._thread_id = thread_id
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> Subscription:
+        if self._sub is not None:
+            raise RuntimeError("this connect() block is already in use")
+        ctx = get_context()
+        if not ctx.is_authenticated or ctx.user_id == ANONYMOUS_USER_ID:
+            raise AuthenticationRequiredError("events need an authenticated user")
+        bus = self._bus
+        sub = Subscription(
+            self._websocket,
+            ctx.user_id,
+            self._thread_id,
+            bus._queue_size,
+            bus._send_timeout,
+            bus._forget,
+        )
+        bus._register(sub)
+        self._sub = sub
+        try:
+            await bus.backend.subscribe(sub.user_id)
+        except BaseException:
+            await self._close()
+            raise
+        return sub
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        sub = self._sub
+        if sub is not None:
+            self._sub = None
+            self._bus._forget(sub)
+            await sub.close()
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _valid_id(value: object) -> bool:
+    return isinstance(value, str) and value != ANONYMOUS_USER_ID and is_valid_id(value)

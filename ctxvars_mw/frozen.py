@@ -1,0 +1,141 @@
+"""Deep-frozen, hashable JSON-like values for context metadata.
+
+``freeze`` copies a JSON-like value (dicts with string keys, lists, tuples, sets, str, int,
+float, bool, None) into an immutable one: dicts become :class:`FrozenMap`, lists and tuples
+become tuples, sets become sorted tuples. ``thaw`` turns it back into plain JSON data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, NoReturn
+
+__all__ = ["EMPTY", "FrozenMap", "freeze", "freeze_mapping", "thaw"]
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class FrozenMap(Mapping[str, Any]):
+    """An immutable, hashable mapping; its values are deep-frozen."""
+
+    __slots__ = ("_data", "_hash")
+
+    _data: dict[str, Any]
+    _hash: int | None
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", {} if data is None else _freeze_items(data))
+        object.__setattr__(self, "_hash", None)
+
+    @classmethod
+    def _trusted(cls, data: dict[str, Any]) -> FrozenMap:
+        """Wrap an already-frozen dict that nothing else references."""
+        new = object.__new__(cls)
+        object.__setattr__(new, "_data", data)
+        object.__setattr__(new, "_hash", None)
+        return new
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._data == other._data
+        if isinstance(other, Mapping):
+            return self._data == dict(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h is None:
+            h = hash(frozenset(self._data.items()))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+    def __setattr__(self, name: str, value: object) -> NoReturn:
+        raise AttributeError("FrozenMap is immutable")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise AttributeError("FrozenMap is immutable")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMap, (thaw(self),))
+
+    def merged(self, extra: Mapping[str, Any] | None) -> FrozenMap:
+        """A new map with ``extra`` (frozen) laid over this one."""
+        if not extra:
+            return self
+        data = dict(self._data)
+        data.update(extra._data if isinstance(extra, FrozenMap) else _freeze_items(extra))
+        return FrozenMap._trusted(data)
+
+
+def _reject(value: object, path: str) -> NoReturn:
+    raise TypeError(
+        f"{path or 'value'} has type {type(value).__name__}; context metadata must be "
+        "JSON-like (dict with str keys, list, tuple, set, str, int, float, bool, None)"
+    )
+
+
+def _freeze_items(data: Mapping[str, Any], path: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{path or 'mapping'} has a key that is not a string")
+        out[key] = freeze(value, f"{path}.{key}" if path else key)
+    return out
+
+
+def freeze(value: Any, path: str = "") -> Any:
+    """Return a deep-frozen copy of a JSON-like value (TypeError for anything else)."""
+    if isinstance(value, _SCALARS):
+        return value
+    if isinstance(value, FrozenMap):
+        return value
+    if type(value) is dict:  # the common case, without the slower ABC check below
+        return FrozenMap._trusted(_freeze_items(value, path))
+    if isinstance(value, Mapping):
+        return FrozenMap._trusted(_freeze_items(value, path))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v, path) for v in value)
+    if isinstance(value, (set, frozenset)):
+        # Sets become sorted tuples so that they serialize (and round-trip) as JSON lists.
+        return tuple(sorted((freeze(v, path) for v in value), key=repr))
+    _reject(value, path)
+
+
+EMPTY = FrozenMap._trusted({})
+
+
+def freeze_mapping(value: Mapping[str, Any] | None) -> FrozenMap:
+    """Freeze a mapping (None or empty → the shared empty map); TypeError if not a mapping."""
+    if not value:
+        if value is None or isinstance(value, Mapping):
+            return EMPTY
+        _reject(value, "")
+    if isinstance(value, FrozenMap):
+        return value
+    if not isinstance(value, Mapping):
+        _reject(value, "")
+    return FrozenMap._trusted(_freeze_items(value))
+
+
+def thaw(value: Any) -> Any:
+    """Turn a frozen value back into plain JSON data (dicts and lists)."""
+    if isinstance(value, FrozenMap):
+        return {k: thaw(v) for k, v in value._data.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value

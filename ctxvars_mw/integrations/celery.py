@@ -1,0 +1,154 @@
+"""Celery: tasks published inside a request run, on the worker, inside that request's context.
+
+Set up once per app::
+
+    from ctxvars_mw.integrations.celery import ContextTask, install
+
+    app = Celery("proj", task_cls=ContextTask)
+    install(app, secret=settings.CTXVARS_ENVELOPE_SECRET)   # >= 32 bytes, same on every host
+
+* **Publishing.** A ``before_task_publish`` signal handler signs the current context with
+  :func:`ctxvars_mw.envelope.dumps` and puts it in the message headers (``ctxvars_envelope``).
+  A signal catches every way a task is sent (``delay``, ``apply_async``, ``send_task``, canvas
+  primitives, retries), even from a process that does not import the task. Outside a context
+  nothing is added.
+* **Running.** :class:`ContextTask` (the app's task base class) verifies the envelope with
+  :func:`ctxvars_mw.envelope.loads`, makes the context current for the task body and resets it
+  with its token afterwards, so nothing leaks into the next task on the same worker process or
+  thread. A tampered, wrong-secret or expired envelope fails the task with
+  ``InvalidTokenError``/``ExpiredTokenError`` before the body runs (a signal handler could not
+  fail it: Celery logs and swallows errors raised by signal receivers). Tasks the worker runs
+  inside a context publish their own sub-tasks with it, so the context follows a chain of hops.
+* **Eager mode** (``task_always_eager``, ``task.apply()``): no message is published, so
+  :class:`ContextTask` signs the caller's context into the request headers itself; the task runs
+  in the envelope's context exactly as on a worker, and the caller's context is untouched after.
+
+``expires_in`` (default one hour) bounds how long a queued task may wait: a task that starts
+later fails with ``ExpiredTokenError`` — raise it for tasks scheduled far ahead (``eta``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, Task, current_app
+from celery.signals import before_task_publish
+
+from ..current import _current, get_context_or_none
+from ..envelope import Secret, _key, _seconds, dumps, loads
+from ..errors import ConfigurationError
+
+__all__ = ["ENVELOPE_HEADER", "ContextTask", "install"]
+
+#: The message header that carries the signed context.
+ENVELOPE_HEADER = "ctxvars_envelope"
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    secret: Secret
+    secrets: tuple[Secret, ...]
+    expires_in: int
+
+
+_settings: weakref.WeakKeyDictionary[Any, _Settings] = weakref.WeakKeyDictionary()
+
+
+def install(
+    app: Celery,
+    *,
+    secret: Secret,
+    expires_in: float | timedelta = 3600,
+    previous_secrets: Sequence[Secret] = (),
+) -> None:
+    """Carry the context through ``app``'s tasks, signing envelopes with ``secret``.
+
+    ``previous_secrets`` are still accepted when verifying (for rotation). The app must be
+    created with ``task_cls=ContextTask`` (or a subclass). Calling it again replaces the
+    settings.
+    """
+    if not issubclass(app.Task, ContextTask):
+        raise ConfigurationError(
+            "create the Celery app with task_cls=ContextTask "
+            "(ctxvars_mw.integrations.celery:ContextTask) before calling install()"
+        )
+    if isinstance(previous_secrets, (str, bytes)):
+        raise ConfigurationError("previous_secrets must be a sequence of secrets")
+    for value in (secret, *previous_secrets):
+        _key(value)
+    _settings[app] = _Settings(secret, (secret, *previous_secrets), _seconds(expires_in))
+    before_task_publish.connect(_attach_envelope, weak=False, dispatch_uid=__name__)
+
+
+def _publishing_settings() -> _Settings | None:
+    """The settings of the app that publishes (Celery's signal does not name the app)."""
+    found = _settings.get(current_app._get_current_object())
+    if found is None and len(_settings) == 1:
+        found = next(iter(_settings.values()))
+    return found
+
+
+def _attach_envelope(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """``before_task_publish`` receiver: sign the current context into the message headers."""
+    ctx = get_context_or_none()
+    if ctx is None or headers is None:
+        return
+    settings = _publishing_settings()
+    if settings is not None:
+        headers[ENVELOPE_HEADER] = dumps(ctx, settings.secret, expires_in=settings.expires_in)
+
+
+def _envelope_of(request: Any) -> str | None:
+    value = getattr(request, ENVELOPE_HEADER, None)
+    if value is None:
+        headers = getattr(request, "headers", None)
+        if isinstance(headers, dict):
+            value = headers.get(ENVELOPE_HEADER)
+    return value if isinstance(value, str) else None
+
+
+class ContextTask(Task):  # type: ignore[misc]
+    """A Celery task base class that runs the task body in the publisher's context."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task inside the context of its envelope (if it has one), then reset it."""
+        envelope = _envelope_of(self.request)
+        if envelope is None:
+            return super().__call__(*args, **kwargs)
+        settings = _settings.get(self._get_app())
+        if settings is None:
+            raise ConfigurationError("ctxvars_mw.integrations.celery.install() was not called")
+        token = _current.set(loads(envelope, settings.secrets))
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            _current.reset(token)
+
+    def apply(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        task_id: str | None = None,
+        retries: int | None = None,
+        throw: bool | None = None,
+        logfile: Any = None,
+        loglevel: Any = None,
+        headers: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Any:
+        """Run eagerly; the envelope of the caller's context goes in the request headers."""
+        ctx = get_context_or_none()
+        settings = _settings.get(self._get_app())
+        if ctx is not None and settings is not None and ENVELOPE_HEADER not in (headers or {}):
+            envelope = dumps(ctx, settings.secret, expires_in=settings.expires_in)
+            headers = {**(headers or {}), ENVELOPE_HEADER: envelope}
+        return super().apply(
+            args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
+            headers=headers, **options,
+        )  # fmt: skip

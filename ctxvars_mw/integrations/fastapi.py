@@ -1,0 +1,138 @@
+"""FastAPI glue: the current context as a dependency, permission checks as dependencies.
+
+::
+
+    from fastapi import FastAPI
+    from ctxvars_mw.integrations.fastapi import CurrentContext, require_tier, setup
+
+    app = FastAPI()
+    setup(app, authenticator=JWTAuthenticator(...))   # middleware + exception handlers
+
+    @app.get("/reports", dependencies=[require_tier("business")])
+    async def reports(ctx: CurrentContext) -> dict[str, str]:
+        return {"user": ctx.user_id}
+
+Every dependency here declares the bearer security scheme (:data:`bearer_scheme`, an
+``HTTPBearer(auto_error=False)``), so the OpenAPI schema and ``/docs`` show it. They do not
+verify the token themselves: :class:`~ctxvars_mw.ContextMiddleware` already did, and they
+read the context it made current. The middleware may be added with ``app.add_middleware``
+(or :func:`setup`) or wrap the app (``ContextMiddleware(app, ...)``); in the latter case call
+:func:`install_exception_handlers` so that our 401/403 errors are not answered as 500s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..context import UserExecutionContext
+from ..current import get_context
+from ..errors import ConfigurationError
+from ..middleware import ContextMiddleware
+from ..permissions import (
+    depends_authenticated,
+    depends_feature,
+    depends_permission,
+    depends_role,
+    depends_tier,
+)
+from ..tier import Tier
+from .starlette import install_exception_handlers
+
+__all__ = [
+    "AuthenticatedContext",
+    "CurrentContext",
+    "bearer_scheme",
+    "current_context",
+    "depends_authenticated",
+    "depends_feature",
+    "depends_permission",
+    "depends_role",
+    "depends_tier",
+    "install_exception_handlers",
+    "require_authenticated",
+    "require_feature",
+    "require_permission",
+    "require_role",
+    "require_tier",
+    "setup",
+]
+
+#: The bearer security scheme every dependency here declares (for OpenAPI; never rejects).
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    bearerFormat="JWT",
+    description="A bearer token, verified by ctxvars_mw's ContextMiddleware.",
+)
+
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+_Check = Callable[[], Coroutine[Any, Any, UserExecutionContext]]
+
+
+async def current_context(_credentials: _Credentials) -> UserExecutionContext:
+    """The request's context (anonymous when no credentials were sent).
+
+    Raises :class:`~ctxvars_mw.ContextNotSetError` when ContextMiddleware is not installed.
+    """
+    return get_context()
+
+
+#: ``ctx: CurrentContext`` — the request's context, anonymous or not.
+CurrentContext = Annotated[UserExecutionContext, Depends(current_context)]
+
+
+def _secured(check: _Check) -> Any:
+    """``Security(...)`` running ``check`` behind the bearer scheme."""
+
+    async def dependency(_credentials: _Credentials) -> UserExecutionContext:
+        return await check()
+
+    return Security(dependency)
+
+
+def require_authenticated() -> Any:
+    """A dependency: the context if authenticated, else 401."""
+    return _secured(depends_authenticated())
+
+
+def require_tier(tier: Tier | str) -> Any:
+    """A dependency: the context if its tier is ``tier`` or above (401 anonymous, 403 lower)."""
+    return _secured(depends_tier(tier))
+
+
+def require_role(*roles: str, any_: bool = False) -> Any:
+    """A dependency: the context if it holds every role (``any_=True``: one), else 401/403."""
+    return _secured(depends_role(*roles, any_=any_))
+
+
+def require_permission(*permissions: str, any_: bool = False) -> Any:
+    """A dependency: the context if it holds the permissions (wildcards count), else 401/403."""
+    return _secured(depends_permission(*permissions, any_=any_))
+
+
+def require_feature(*features: str, any_: bool = False) -> Any:
+    """A dependency: the context if its tier grants the features, else 401/403."""
+    return _secured(depends_feature(*features, any_=any_))
+
+
+#: ``ctx: AuthenticatedContext`` — the request's context; 401 for anonymous callers.
+AuthenticatedContext = Annotated[UserExecutionContext, require_authenticated()]
+
+
+def setup(app: FastAPI, *, add_middleware: bool = True, **middleware_options: Any) -> None:
+    """Install our exception handlers on ``app`` and (by default) ContextMiddleware.
+
+    ``middleware_options`` are :class:`~ctxvars_mw.ContextMiddleware`'s keyword options;
+    they are checked now (bad option → :class:`~ctxvars_mw.ConfigurationError`), not at the
+    first request. With ``add_middleware=False`` only the handlers are installed — for apps
+    that are wrapped instead: ``app = ContextMiddleware(fastapi_app, ...)``.
+    """
+    install_exception_handlers(app)
+    if add_middleware:
+        ContextMiddleware(app, **middleware_options)  # validates the options eagerly
+        app.add_middleware(ContextMiddleware, **middleware_options)
+    elif middleware_options:
+        raise ConfigurationError("middleware options need add_middleware=True")

@@ -1,0 +1,134 @@
+"""Per-request resources: things to close when the request is done.
+
+Inside a request handled by :class:`~ctxvars_mw.ContextMiddleware` (or a
+:func:`resource_scope` / :func:`managed_context` block), :func:`attach_resource` registers a
+cleanup. Cleanups run last-in-first-out after the response is sent (background tasks
+included), also on error and on cancellation; a cleanup that fails is logged and the others
+still run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar, Token
+from typing import Any, TypeVar
+
+from .context import UserExecutionContext
+from .current import use_context
+from .errors import ContextNotSetError
+
+__all__ = ["attach_resource", "managed_context", "resource_scope", "run_cleanups"]
+
+T = TypeVar("T")
+Cleanup = Callable[[], "Awaitable[Any] | Any"]
+
+logger = logging.getLogger("ctxvars_mw.resources")
+
+
+class _Stack(list[Cleanup]):
+    """A request's cleanups; ``closed`` once the request is over (late attaches are refused).
+
+    No ``__init__`` of its own: one is made per request, and list's C constructor is cheap.
+    """
+
+    closed = False
+
+
+_stack: ContextVar[_Stack | None] = ContextVar("ctxvars_mw.resources", default=None)
+
+
+def _default_cleanup(resource: Any) -> Cleanup:
+    for name in ("aclose", "close"):
+        method = getattr(resource, name, None)
+        if callable(method):
+            return method  # type: ignore[no-any-return]
+    raise TypeError(
+        "attach_resource() needs a cleanup callback for objects without aclose() or close()"
+    )
+
+
+def attach_resource(resource: T, cleanup: Cleanup | None = None) -> T:
+    """Register ``resource`` for cleanup at the end of the current request; return it.
+
+    ``cleanup`` (sync or async, no arguments) defaults to the resource's ``aclose`` or
+    ``close`` method.
+    """
+    stack = _stack.get()
+    if stack is None:
+        raise ContextNotSetError(
+            "attach_resource() needs a request (ContextMiddleware) or a resource_scope() block"
+        )
+    if stack.closed:
+        # A task that outlived its request: its cleanups already ran, this one never would.
+        raise ContextNotSetError("attach_resource(): this request is over; its cleanups ran")
+    if cleanup is not None and not callable(cleanup):
+        raise TypeError("cleanup must be a callable taking no arguments")
+    stack.append(_default_cleanup(resource) if cleanup is None else cleanup)
+    return resource
+
+
+async def run_cleanups(stack: list[Cleanup]) -> None:
+    """Run ``stack``'s cleanups last-in-first-out; log failures; re-raise a cancellation last."""
+    cancelled: BaseException | None = None
+    while stack:
+        cleanup = stack.pop()
+        try:
+            result = cleanup()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception(
+                "a request cleanup failed: %s", getattr(cleanup, "__qualname__", cleanup)
+            )
+        except BaseException as exc:  # cancellation: finish the others first
+            cancelled = cancelled or exc
+    if cancelled is not None:
+        raise cancelled
+
+
+def open_stack() -> tuple[_Stack, Token[_Stack | None]]:
+    """Start a cleanup stack (a request's, or a :func:`resource_scope`'s); returns it and
+    the token to close it with."""
+    stack = _Stack()
+    return stack, _stack.set(stack)
+
+
+def close_stack(stack: _Stack, token: Token[_Stack | None]) -> None:
+    """Close and forget ``stack`` (its cleanups must have run).
+
+    Tasks that copied the context still see the stack, closed: attaching to it raises
+    instead of registering a cleanup that would never run.
+    """
+    stack.closed = True
+    _stack.reset(token)
+
+
+@asynccontextmanager
+async def resource_scope() -> AsyncIterator[None]:
+    """A block whose attached resources are cleaned up on exit."""
+    stack, token = open_stack()
+    try:
+        yield
+    finally:
+        try:
+            await run_cleanups(stack)
+        finally:
+            close_stack(stack, token)
+
+
+@asynccontextmanager
+async def managed_context(
+    ctx: UserExecutionContext, *, close_db_session: bool = True
+) -> AsyncIterator[UserExecutionContext]:
+    """Make ``ctx`` current with its own resource scope (for workers and scripts).
+
+    With ``close_db_session``, ``ctx.db_session`` is closed (``aclose``/``close``) on exit,
+    after the other attached resources.
+    """
+    async with use_context(ctx), resource_scope():
+        if close_db_session and ctx.db_session is not None:
+            attach_resource(ctx.db_session)
+        yield ctx

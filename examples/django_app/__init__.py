@@ -1,0 +1,1 @@
+"""A Django project behind ContextMiddleware (see ``asgi.py``)."""

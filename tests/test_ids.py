@@ -1,0 +1,239 @@
+"""Id generation, id validation, IdRules and W3C traceparent parsing (ctxvars_mw.ids)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import warnings
+
+import pytest
+
+from ctxvars_mw import ConfigurationError, IdRules, set_id_rules, use_id_rules
+from ctxvars_mw.ids import (
+    HEADER_ID_RE,
+    MAX_ID_LENGTH,
+    generate_id,
+    generate_ids,
+    get_id_rules,
+    is_valid_id,
+    parse_traceparent,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+
+
+def test_generate_id_is_24_lowercase_hex_and_unique() -> None:
+    """Generated ids are 24 lowercase hex characters and do not repeat."""
+    ids = [generate_id() for _ in range(10_000)]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_generate_ids_gives_three_distinct_ids() -> None:
+    """generate_ids returns three different 24-character ids."""
+    first, second, third = generate_ids()
+    assert len({first, second, third}) == 3
+    assert all(len(i) == 24 and is_valid_id(i) for i in (first, second, third))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="os.fork is POSIX only")
+def test_forked_child_generates_different_ids() -> None:
+    """After fork the child's generator is reseeded, so parent and child ids differ."""
+    read_end, write_end = os.pipe()
+    with (
+        warnings.catch_warnings()
+    ):  # 3.12+ warns when forking with threads; the child exits at once
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report one id and leave at once
+        os.close(read_end)
+        os.write(write_end, generate_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child_id) == 24
+    assert child_id != generate_id()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["user_2hNqYf3kT9xWzL", "auth0|5f7c8ec7c33c6c004bbafe82", "a", "default_user", "x" * 256],
+)
+def test_is_valid_id_accepts_real_ids(value: str) -> None:
+    """Real ids, short or long, are valid."""
+    assert is_valid_id(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", " x", "x ", "a\nb", "a\x00b", "x" * (MAX_ID_LENGTH + 1), "test", "NULL", "demo_1"],
+)
+def test_is_valid_id_refuses_bad_ids(value: str) -> None:
+    """Empty, padded, non-printable, overlong and placeholder ids are invalid."""
+    assert not is_valid_id(value)
+
+
+@pytest.mark.parametrize("value", [None, 5, b"bytes", ["list"], {"k": "v"}])
+def test_is_valid_id_is_false_for_non_strings(value: object) -> None:
+    """Non-string values, hashable or not, are simply invalid (no exception)."""
+    assert is_valid_id(value) is False  # type: ignore[arg-type]
+
+
+def test_is_valid_id_answers_per_rules_even_after_caching() -> None:
+    """An id accepted under one set of rules is re-checked under others."""
+    assert is_valid_id("acme_42")
+    stricter = IdRules.default().forbidding("acme_")
+    assert not is_valid_id("acme_42", stricter)
+    with use_id_rules(stricter):
+        assert not is_valid_id("acme_42")
+    assert is_valid_id("acme_42")
+
+
+def test_validation_cache_stays_bounded_and_correct() -> None:
+    """Validating many distinct ids keeps answering correctly past the cache's size."""
+    ids = [f"user-{i:06d}-bounded" for i in range(5000)]
+    assert all(is_valid_id(i) for i in ids)
+    assert all(is_valid_id(i) for i in ids[:10])
+    assert not is_valid_id("test")
+
+
+def test_default_rules_are_a_shared_immutable_value() -> None:
+    """IdRules.default() is the same frozen value each time."""
+    rules = IdRules.default()
+    assert rules is IdRules.default()
+    with pytest.raises(AttributeError):
+        rules.exact = frozenset()  # type: ignore[misc]
+
+
+def test_allowing_and_forbidding_return_new_rules() -> None:
+    """allowing/forbidding leave the original rules unchanged."""
+    rules = IdRules.default()
+    relaxed = rules.allowing("test", "mock_")
+    assert rules.is_placeholder("test")
+    assert not relaxed.is_placeholder("test")
+    assert not relaxed.is_placeholder("mock_1")
+    assert relaxed.is_placeholder("fake_1")
+    strict = rules.forbidding("Guest", "acme_")
+    assert strict.is_placeholder("GUEST")
+    assert strict.is_placeholder("ACME_1")
+    assert not strict.is_placeholder("acme_" + "1" * 15)
+    assert not rules.is_placeholder("guest")
+
+
+def test_rules_built_directly_are_normalized() -> None:
+    """IdRules built from any iterables in any case compare case-insensitively."""
+    rules = IdRules(exact=["Guest"], prefixes=(p for p in ["Acme_"]), allowed={"ACME_OK"})
+    assert rules.exact == frozenset({"guest"})
+    assert rules.prefixes == ("acme_",)
+    assert rules.is_placeholder("GUEST")
+    assert rules.is_placeholder("acme_1")
+    assert not rules.is_placeholder("acme_ok")
+    assert not rules.is_placeholder("test")
+
+
+@pytest.mark.parametrize("bad", ["guest", 5, [""], ["ok", 3], None])
+def test_rules_built_directly_refuse_bad_items(bad: object) -> None:
+    """A field that is not a collection of non-empty strings raises ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        IdRules(exact=bad, prefixes=(), allowed=frozenset())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        IdRules(exact=frozenset(), prefixes=bad, allowed=frozenset())  # type: ignore[arg-type]
+
+
+def test_forbidding_an_allowed_exception_refuses_it() -> None:
+    """A default_… exception can be forbidden again."""
+    rules = IdRules.default()
+    assert not rules.is_placeholder("default_user")
+    assert rules.forbidding("default_user").is_placeholder("default_user")
+    assert rules.is_placeholder("default_thing")
+
+
+@pytest.mark.parametrize("item", ["", "   ", 5, None])
+def test_rule_items_must_be_non_empty_strings(item: object) -> None:
+    """allowing/forbidding refuse empty or non-string items with ConfigurationError."""
+    with pytest.raises(ConfigurationError):
+        IdRules.default().allowing(item)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        IdRules.default().forbidding(item)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [None, "rules", {"exact": []}])
+def test_use_and_set_id_rules_take_only_id_rules(value: object) -> None:
+    """Passing something other than IdRules is a TypeError, and nothing changes."""
+    with pytest.raises(TypeError):
+        set_id_rules(value)  # type: ignore[arg-type]
+    with pytest.raises(TypeError), use_id_rules(value):  # type: ignore[arg-type]
+        pass
+    assert get_id_rules() is IdRules.default()
+
+
+def test_rules_are_never_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No environment variable changes the rules."""
+    for name in ("CTXVARS_ID_RULES", "CTXVARS_MW_ALLOW_PLACEHOLDERS", "ALLOW_TEST_IDS"):
+        monkeypatch.setenv(name, "test,demo,1")
+    assert get_id_rules() is IdRules.default()
+    assert not is_valid_id("test")
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [
+        (b"abc", True),
+        (b"A.b_c:d-e", True),
+        (b"x" * 128, True),
+        (b"x" * 129, False),
+        (b"", False),
+        (b"a b", False),
+        (b"a\r\nb", False),
+        (b"abc\n", False),
+        (b"caf\xc3\xa9", False),
+        (b"a/b", False),
+    ],
+)
+def test_header_id_pattern(raw: bytes, ok: bool) -> None:
+    """Header ids must be 1 to 128 characters of ``[A-Za-z0-9._:-]``."""
+    assert (HEADER_ID_RE.fullmatch(raw) is not None) is ok
+
+
+def test_parse_traceparent_valid() -> None:
+    """A valid traceparent gives (trace_id, parent_id, flags), from str or bytes."""
+    value = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert parse_traceparent(value) == (TRACE_ID, SPAN_ID, "01")
+    assert parse_traceparent(value.encode()) == (TRACE_ID, SPAN_ID, "01")
+    assert parse_traceparent(f" {value}\t") == (TRACE_ID, SPAN_ID, "01")
+
+
+def test_parse_traceparent_future_version_may_carry_more_fields() -> None:
+    """A version above 00 may append ``-…`` fields, which are ignored."""
+    assert parse_traceparent(f"01-{TRACE_ID}-{SPAN_ID}-00-more") == (TRACE_ID, SPAN_ID, "00")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        f"ff-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-{'0' * 32}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{'0' * 16}-01",
+        f"00-{TRACE_ID[:31]}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}0-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{SPAN_ID[:15]}-01",
+        f"00-{TRACE_ID}-{SPAN_ID}-001",
+        f"00-{TRACE_ID.upper()}-{SPAN_ID}-01",
+        f"0A-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{SPAN_ID}-01-extra",
+        f"00-{TRACE_ID}-{SPAN_ID}-01x",
+        f"01-{TRACE_ID}-{SPAN_ID}-01x",
+        f"00_{TRACE_ID}_{SPAN_ID}_01",
+        b"\xff\xfe",
+        "00-" + "a" * 600,
+    ],
+)
+def test_parse_traceparent_invalid(value: str | bytes | None) -> None:
+    """Version ff, zero ids, wrong lengths, uppercase hex, trailing data on 00: None."""
+    assert parse_traceparent(value) is None

@@ -1,0 +1,196 @@
+"""Incoming W3C tracestate and baggage: strict parsing, and the middleware's trust option."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxvars_mw import ConfigurationError, ContextMiddleware, get_context
+from ctxvars_mw.types import Receive, Scope, Send
+from ctxvars_mw.w3c import format_baggage, parse_baggage, parse_tracestate
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("rojo=00f067aa0ba902b7", "rojo=00f067aa0ba902b7"),
+        (" rojo=1 ,, congo=t61rcWkgMzE\t", "rojo=1,congo=t61rcWkgMzE"),
+        ("tenant1@vendor=x y", "tenant1@vendor=x y"),
+        (b"a/b*c_d-e=v", "a/b*c_d-e=v"),
+    ],
+)
+def test_valid_tracestate_is_normalized(raw: str | bytes, expected: str) -> None:
+    """Valid members are kept in order, optional whitespace and empty members dropped."""
+    assert parse_tracestate(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "Rojo=1",  # keys are lowercase
+        "rojo=1,rojo=2",  # duplicate key
+        "rojo",  # no value
+        "rojo=a=b",  # '=' is not allowed in a value
+        "rojo=a\x01b",  # no control characters
+        "1abc=x",  # simple keys start with a letter
+        "t@Vendor=x",  # system ids are lowercase
+        ",".join(f"k{i}=v" for i in range(33)),  # more than 32 members
+        "rojo=" + "x" * 257,  # value longer than 256
+        "rojo=caf\u00e9",
+        b"rojo=\xff",
+    ],
+)
+def test_invalid_tracestate_is_ignored_whole(raw: str | bytes) -> None:
+    """Any invalid member makes the whole header invalid: it is ignored, never an error."""
+    assert parse_tracestate(raw) is None
+
+
+def test_baggage_members_are_decoded_and_invalid_ones_skipped() -> None:
+    """Properties are dropped, values percent-decoded, bad members skipped, first key wins."""
+    raw = 'a=1;prop=2;flag, b = x%20y ,c=,bad key=1,q="quoted",d=%E2%82%AC,e=%FF,a=2'
+    assert parse_baggage(raw) == {"a": "1", "b": "x y", "c": "", "d": "\u20ac", "e": "\ufffd"}
+
+
+def test_baggage_over_the_limits_is_ignored_or_capped() -> None:
+    """A header over 8,192 bytes is ignored; at most 64 members are kept."""
+    assert parse_baggage("k=" + "v" * 8200) == {}
+    assert len(parse_baggage(",".join(f"k{i}=v" for i in range(100)))) == 64
+    assert parse_baggage(b"k=\xff\xfe") == {}
+    assert parse_baggage(None) == {}
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Za-z0-9_.-]{1,20}", fullmatch=True), st.text(max_size=40), max_size=20
+    )
+)
+def test_formatted_baggage_parses_back_to_the_same_items(items: dict[str, str]) -> None:
+    """format_baggage then parse_baggage is the identity (within the limits)."""
+    assert parse_baggage(format_baggage(items.items())) == items
+
+
+@given(st.text(max_size=300))
+def test_parsers_never_raise_on_arbitrary_input(raw: str) -> None:
+    """Whatever a caller sends, parsing returns a value and never raises."""
+    assert isinstance(parse_baggage(raw), dict)
+    assert parse_tracestate(raw) is None or isinstance(parse_tracestate(raw), str)
+
+
+async def _context_app(scope: Scope, receive: Receive, send: Send) -> None:
+    body = json.dumps(get_context().to_dict()).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _get(trust: bool, headers: list[tuple[str, str]]) -> tuple[int, dict[str, Any]]:
+    app = ContextMiddleware(_context_app, trust_incoming_baggage=trust)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        response = await client.get("/", headers=headers)
+    return response.status_code, response.json()
+
+
+async def test_incoming_baggage_is_ignored_by_default() -> None:
+    """Without trust_incoming_baggage, baggage and tracestate never enter the context."""
+    status, ctx = await _get(
+        False, [("baggage", "tenant=acme"), ("traceparent", TRACEPARENT), ("tracestate", "rojo=1")]
+    )
+    assert status == 200
+    assert ctx["audit_metadata"] == {}
+    assert ctx["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_trusted_baggage_and_tracestate_go_to_audit_metadata() -> None:
+    """When trusted, repeated baggage headers are combined and tracestate kept with its trace."""
+    headers = [
+        ("baggage", "tenant=acme%20corp"),
+        ("baggage", "region=eu"),
+        ("traceparent", TRACEPARENT),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+    ]
+    status, ctx = await _get(True, headers)
+    assert status == 200
+    assert ctx["audit_metadata"] == {
+        "baggage": {"tenant": "acme corp", "region": "eu"},
+        "tracestate": "rojo=00f067aa0ba902b7",
+    }
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("tracestate", "rojo=1")],  # no traceparent: tracestate means nothing
+        [
+            ("traceparent", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            ("tracestate", "rojo=1"),
+        ],
+        [("traceparent", TRACEPARENT), ("tracestate", "Bad=1")],
+        [("baggage", "=novalue,bad key=1,\x7f=1")],
+        [("baggage", "k=" + "v" * 9000)],
+    ],
+)
+async def test_invalid_trace_headers_are_ignored_never_a_500(
+    headers: list[tuple[str, str]],
+) -> None:
+    """Invalid tracestate/baggage (or a tracestate without a valid traceparent) is dropped."""
+    status, ctx = await _get(True, headers)
+    assert status == 200
+    assert ctx["audit_metadata"] == {}
+
+
+def test_trust_incoming_baggage_must_be_a_bool() -> None:
+    """A truthy non-bool is a configuration mistake, caught at construction."""
+    with pytest.raises(ConfigurationError):
+        ContextMiddleware(_context_app, trust_incoming_baggage="yes")  # type: ignore[arg-type]
+
+
+async def test_trusted_baggage_keeps_the_authenticated_identity() -> None:
+    """Adding baggage to an authenticated context changes nothing else about it."""
+    from tests.integrations.helpers import ALICE, TokenTableAuthenticator, bearer
+
+    app = ContextMiddleware(
+        _context_app, authenticator=TokenTableAuthenticator(), trust_incoming_baggage=True
+    )
+    headers = {**bearer("tok-alice-business-user"), "baggage": "tenant=acme"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        ctx = (await client.get("/", headers=headers)).json()
+    assert ctx["user_id"] == ALICE
+    assert ctx["tier"] == "business"
+    assert ctx["auth_method"] == "api_key"
+    assert "threads:write" in ctx["permissions"]
+    assert ctx["audit_metadata"] == {"baggage": {"tenant": "acme"}}
+
+
+@given(
+    st.binary(max_size=300),
+    st.binary(max_size=300),
+    st.sampled_from([TRACEPARENT.encode(), b"00-bad", b""]),
+)
+@settings(max_examples=60, deadline=None)
+def test_trusting_middleware_never_fails_on_arbitrary_trace_headers(
+    baggage: bytes, tracestate: bytes, traceparent: bytes
+) -> None:
+    """Whatever bytes arrive in baggage/tracestate, the request is served (never a 500)."""
+    import asyncio
+
+    app = ContextMiddleware(_context_app, trust_incoming_baggage=True)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    headers = [(b"baggage", baggage), (b"tracestate", tracestate), (b"traceparent", traceparent)]
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": headers}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert isinstance(json.loads(sent[1]["body"])["audit_metadata"], dict)
