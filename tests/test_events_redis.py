@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager, suppress
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -210,6 +211,99 @@ async def test_outage_with_restart_logs_once_and_recovers(
             await bus.stop()
 
 
+class SilencingProxy:
+    """A TCP proxy to Redis whose open connections can be made to go silent.
+
+    ``silence()`` stops forwarding on every connection open at that moment without closing
+    it (no FIN, no RST), as a network partition or a lost NAT entry would; connections made
+    afterwards are forwarded normally.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._silenced: set[asyncio.StreamWriter] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SilencingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._open):
+            writer.close()
+        await self._server.wait_closed()
+
+    def silence(self) -> None:
+        self._silenced |= self._open
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._open |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with suppress(OSError):
+                while data := await src.read(65536):
+                    if dst in self._silenced or writer in self._silenced:
+                        continue  # swallowed: the peer hears nothing, and nothing closes
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._open -= {writer, up_writer}
+
+
+async def test_a_silently_dead_pubsub_connection_is_caught_by_the_keepalive(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No FIN, no RST: the unanswered keepalive PING counts as an outage; events come back."""
+    url = urlsplit(redis_url)
+    async with SilencingProxy((url.hostname or "127.0.0.1", url.port or 6379)) as proxy:
+        backend = RedisBackend(
+            f"redis://127.0.0.1:{proxy.port}/0",
+            channel_prefix=key_prefix,
+            keepalive=0.2,
+            backoff_initial=0.02,
+            backoff_max=0.1,
+        )
+        async with (
+            EventBus(backend) as bus,
+            EventBus(RedisBackend(redis_url, channel_prefix=key_prefix)) as publisher,
+            AsyncExitStack() as stack,
+        ):
+            alice = await connect(stack, bus, ALICE)
+            caplog.set_level(logging.INFO, logger="ctxvars_mw.events")
+            proxy.silence()
+            await publisher.publish(ALICE, {"lost": True})
+            with pytest.raises(TimeoutError):
+                await alice.wait_for(1, within=0.1)
+            await _publish_until_delivered(publisher, alice)
+    assert backend.outage_count == 1
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert alice.messages[0]["event"] == {"after": "outage"}
+
+
+async def test_keepalive_pings_on_an_idle_healthy_connection_are_not_outages(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Idle for many keepalive periods: PINGs are answered, nothing is logged, events flow."""
+    backend = RedisBackend(redis_url, channel_prefix=key_prefix, keepalive=0.03)
+    caplog.set_level(logging.INFO, logger="ctxvars_mw.events")
+    async with EventBus(backend) as bus, AsyncExitStack() as stack:
+        alice = await connect(stack, bus, ALICE)
+        await asyncio.sleep(0.4)  # more than ten keepalive rounds
+        await bus.publish(ALICE, {"n": 1})
+        [message] = await alice.wait_for(1)
+    assert message["event"] == {"n": 1}
+    assert backend.outage_count == 0
+    assert caplog.records == []
+
+
 async def test_start_fails_cleanly_when_redis_is_unreachable() -> None:
     """start() against a closed port raises ServiceUnavailableError."""
     bus = EventBus(RedisBackend(f"redis://127.0.0.1:{free_port()}/0"))
@@ -224,6 +318,9 @@ def test_bad_redis_options_are_configuration_errors() -> None:
         (("not a url",), {}),
         (("redis://127.0.0.1",), {"channel_prefix": "has space"}),
         (("redis://127.0.0.1",), {"backoff_initial": 2, "backoff_max": 1}),
+        (("redis://127.0.0.1",), {"timeout": 0}),
+        (("redis://127.0.0.1",), {"keepalive": -1}),
+        (("redis://127.0.0.1",), {"keepalive": True}),
     ):
         with pytest.raises(ConfigurationError):
             RedisBackend(*args, **kwargs)

@@ -8,6 +8,10 @@ anything else is counted in ``rejected_count`` and logged without its content.
 
 When the pub/sub connection is lost, the listener logs ONE warning for the outage, then
 reconnects and resubscribes every channel with capped exponential backoff (with jitter).
+A connection that dies silently (a half-open TCP connection after a network partition or a
+failover, where no reset ever arrives) is caught by a keepalive: after ``keepalive`` idle
+seconds the listener sends a PING, and no answer within another ``keepalive`` seconds counts
+as an outage. Every connect and every command has a ``timeout``, so no await can hang.
 Pub/sub is at-most-once: events published while a process is disconnected do not reach it.
 ``redis`` is imported only when a ``RedisBackend`` is constructed.
 """
@@ -21,6 +25,7 @@ import logging
 import random
 from typing import Any
 
+from ..auth.options import seconds_option
 from ..errors import ConfigurationError, ServiceUnavailableError
 from .codec import MalformedMessageError, decode
 from .local import Deliver
@@ -37,6 +42,9 @@ class RedisBackend:
     pub/sub connection is made without redis-py's own retries, so this backend's backoff and
     its one-warning-per-outage apply; with a client, that client's retry policy applies first.
     A client passed in is not closed by :meth:`stop`.
+
+    ``timeout`` bounds connecting and each command (with a URL); ``keepalive`` is the idle
+    time after which the listener checks the pub/sub connection with a PING.
     """
 
     def __init__(
@@ -47,6 +55,8 @@ class RedisBackend:
         backoff_initial: float = 0.05,
         backoff_max: float = 1.0,
         subscribe_timeout: float = 5.0,
+        timeout: float = 2.0,
+        keepalive: float = 15.0,
     ) -> None:
         import redis.asyncio
         from redis.backoff import NoBackoff
@@ -61,12 +71,17 @@ class RedisBackend:
             raise ConfigurationError(
                 "need 0 < backoff_initial <= backoff_max, subscribe_timeout > 0"
             )
+        timeout = seconds_option("timeout", timeout, above=True)
+        keepalive = seconds_option("keepalive", keepalive, above=True)
         # Typed loosely: the redis stubs lag behind redis-py itself (aclose(), retry=...).
         redis_class: Any = redis.asyncio.Redis
         if isinstance(url_or_client, str):
             try:
-                self._client = redis_class.from_url(url_or_client)
-                self._sub_client = redis_class.from_url(url_or_client, retry=Retry(NoBackoff(), 0))
+                bounds = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+                self._client = redis_class.from_url(url_or_client, **bounds)
+                self._sub_client = redis_class.from_url(
+                    url_or_client, retry=Retry(NoBackoff(), 0), **bounds
+                )
             except ValueError as exc:
                 raise ConfigurationError("url_or_client is not a valid Redis URL") from exc
             self._owns_clients = True
@@ -81,6 +96,7 @@ class RedisBackend:
         self._prefix = channel_prefix + "u:"
         self._backoff = (float(backoff_initial), float(backoff_max))
         self._subscribe_timeout = subscribe_timeout
+        self._keepalive = keepalive
         self._deliver: Deliver | None = None
         self._max_bytes = 0
         self._pubsub: Any = None
@@ -124,7 +140,9 @@ class RedisBackend:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            _, stuck = await asyncio.wait(tasks, timeout=_STOP_GRACE)
+            if stuck:
+                logger.warning("%d Redis event task(s) did not stop in time", len(stuck))
         await self._close_pubsub()
         self._wanted.clear()
         self._live.clear()
@@ -204,10 +222,14 @@ class RedisBackend:
     # -- listening -----------------------------------------------------------------------------
 
     async def _listen(self) -> None:
-        while True:
+        # Loops until stop() clears _deliver, not only until cancelled: a cancellation that a
+        # library turns into another exception on its way out must not keep the task alive.
+        while self._deliver is not None:
             try:
                 await self._read(self._pubsub)
             except Exception as exc:  # connection errors, and anything else: never stop listening
+                if self._deliver is None:
+                    return
                 self.outage_count += 1
                 logger.warning(
                     "lost the Redis pub/sub connection for events (%s); resubscribing with backoff",
@@ -219,10 +241,18 @@ class RedisBackend:
         if pubsub is None:
             raise ConnectionError("no pub/sub connection")
         get_message = pubsub.get_message
+        keepalive = self._keepalive
+        pinged = False
         while True:
-            message = await get_message(timeout=None)
-            if message is None:
+            message = await get_message(timeout=keepalive)
+            if message is None:  # idle for `keepalive` seconds
+                if pinged:
+                    raise ConnectionError("the pub/sub connection did not answer a PING")
+                async with self._lock:
+                    await pubsub.ping()
+                pinged = True
                 continue
+            pinged = False  # any traffic proves the connection alive
             kind = message["type"]
             if kind == "message":
                 self._on_message(message["channel"], message["data"])
@@ -233,7 +263,7 @@ class RedisBackend:
         """Reconnect and resubscribe, backing off exponentially (capped, with jitter)."""
         delay, cap = self._backoff
         attempt = 0
-        while True:
+        while self._deliver is not None:
             await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
             attempt += 1
             try:
@@ -279,6 +309,9 @@ class RedisBackend:
         deliver = self._deliver
         if deliver is not None:
             deliver(message)
+
+
+_STOP_GRACE = 5.0  # seconds stop() waits for cancelled tasks before giving up on them
 
 
 def _text(value: bytes | str) -> str:
