@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,11 +15,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range.
+
+    A port the kernel hands out for binding to port 0 lies in the ephemeral range, which
+    outgoing connections use as their source ports: while a test's server is down (a Redis
+    restart), any connection attempt, even the client's own reconnect to that very port,
+    may take it, and the restarted server then cannot bind it. Ports below the range are
+    only ever taken by an explicit bind.
+    """
+    high = max(_ephemeral_start(), 20000)
+    for _ in range(200):
+        port = _PORTS.randrange(15000, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
