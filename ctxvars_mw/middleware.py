@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from .auth.base import Authenticator, Connection, Identity
+from .auth.jwt import JWTAuthenticator
 from .auth.sessions import SessionStore
 from .context import ANONYMOUS_USER_ID, UserExecutionContext, request_context
 from .current import _current
@@ -128,6 +129,14 @@ class ContextMiddleware:
         self._rid_in = self._rid if trust_incoming_ids else b""
         self._cid_in = self._cid if trust_incoming_ids else b""
         self._anonymous_features = self.policy.features_for_tier(Tier.FREE)
+        # The JWT fast path applies to JWTAuthenticator's own authenticate() only: a subclass
+        # that overrides it is called like any other authenticator.
+        self._jwt = (
+            authenticator
+            if isinstance(authenticator, JWTAuthenticator)
+            and type(authenticator).authenticate is JWTAuthenticator.authenticate
+            else None
+        )
         self._resolved: dict[int, tuple[Identity, IdRules, frozenset[str], frozenset[str]]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -177,7 +186,15 @@ class ContextMiddleware:
         else:
             try:
                 token, subprotocol_token = self._find_token(scope, auth_headers, protocols)
-                identity = await self._authenticate(scope, token)
+                jwt = self._jwt
+                if jwt is not None and token is not None:
+                    # JWTAuthenticator as is: a verified-token cache hit costs no Connection
+                    # and no coroutine; a miss is verified with the digest already computed.
+                    digest, identity = jwt._lookup(token)
+                    if identity is None:
+                        identity = await self._verify_jwt(jwt, token, digest)
+                else:
+                    identity = await self._authenticate(scope, token)
                 ctx = await self._context_for(
                     identity, ids, request_id, correlation_id, trace_id, ws_id
                 )
@@ -188,18 +205,20 @@ class ContextMiddleware:
             ctx = apply_incoming(ctx, scope["headers"])
 
         started = False
+        # Plain functions handing back send's awaitable: no coroutine of our own per message
+        # (ASGI only asks that send(message) be awaitable).
         if scope_type == "http":
 
-            async def send_with_ids(message: Message) -> None:
+            def send_with_ids(message: Message) -> Awaitable[None]:
                 nonlocal started
                 if not started and message["type"] == "http.response.start":
                     started = True
                     message["headers"] = _with_ids(message.get("headers", ()), id_headers)
-                await send(message)
+                return send(message)
 
         else:
 
-            async def send_with_ids(message: Message) -> None:
+            def send_with_ids(message: Message) -> Awaitable[None]:
                 nonlocal started
                 kind = message["type"]
                 if kind == "websocket.accept":
@@ -212,7 +231,7 @@ class ContextMiddleware:
                     message["headers"] = _with_ids(message.get("headers", ()), id_headers)
                 elif kind == "websocket.close":
                     started = True
-                await send(message)
+                return send(message)
 
         stack, stack_token = open_stack()
         ctx_token = _current.set(ctx)
@@ -305,9 +324,7 @@ class ContextMiddleware:
         except _HTTPError:
             raise
         except Exception as exc:
-            # Fail closed, and never log the credentials: only the error's type.
-            logger.error("authenticator raised %s; the request is refused", type(exc).__name__)
-            raise InvalidTokenError("The credentials could not be verified.") from None
+            raise _unverifiable(exc) from None
         if identity is None:
             if self.require_authentication and not self._is_exempt(scope.get("path", "")):
                 raise AuthenticationRequiredError()
@@ -316,6 +333,16 @@ class ContextMiddleware:
             logger.error("authenticator returned %s, not an Identity", type(identity).__name__)
             raise InvalidTokenError("The credentials could not be verified.")
         return identity
+
+    @staticmethod
+    async def _verify_jwt(jwt: JWTAuthenticator, token: str, digest: bytes) -> Identity:
+        """A token the JWT cache does not hold, verified as ``authenticate()`` would."""
+        try:
+            return await jwt._verify_uncached(token, digest)
+        except _HTTPError:
+            raise
+        except Exception as exc:
+            raise _unverifiable(exc) from None
 
     async def _context_for(
         self,
@@ -398,6 +425,12 @@ class ContextMiddleware:
         return path in self._exact_exempt or (
             bool(self._prefix_exempt) and path.startswith(self._prefix_exempt)
         )
+
+
+def _unverifiable(exc: Exception) -> InvalidTokenError:
+    """Fail closed on an authenticator's unexpected error; log its type, never its text."""
+    logger.error("authenticator raised %s; the request is refused", type(exc).__name__)
+    return InvalidTokenError("The credentials could not be verified.")
 
 
 def _accept_id(raw: bytes, kind: str) -> str | None:

@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from ctxvars_mw import (
+    Connection,
     ContextMiddleware,
+    Identity,
     IdRules,
     InMemorySessionStore,
     JWTAuthenticator,
@@ -493,6 +495,44 @@ async def test_cached_identity_is_checked_against_the_id_rules_in_force() -> Non
         again = await client.get("/whoami", headers=bearer(token))
     assert refused.status_code == 401
     assert again.status_code == 200
+
+
+async def test_a_jwt_authenticator_subclass_overriding_authenticate_is_always_called() -> None:
+    """The middleware's cache fast path skips only JWTAuthenticator's own authenticate()."""
+    seen: list[str | None] = []
+
+    class Audited(JWTAuthenticator):
+        async def authenticate(self, conn: Connection) -> Identity | None:
+            seen.append(conn.token)
+            if conn.token is not None and conn.token.endswith("x"):
+                raise ValueError("a bug in the override")
+            return await super().authenticate(conn)
+
+    app = make_app(authenticator=Audited(key=SECRET, algorithms=["HS256"], audience=AUDIENCE))
+    token = sign(claims())
+    async with client_for(app) as client:
+        first = await client.get("/whoami", headers=bearer(token))
+        cached = await client.get("/whoami", headers=bearer(token))
+        broken = await client.get("/whoami", headers=bearer(token + "x"))
+    assert [first.status_code, cached.status_code, broken.status_code] == [200, 200, 401]
+    assert cached.json()["user_id"] == USER
+    assert seen == [token, token, token + "x"]
+
+
+async def test_cached_and_uncached_jwt_requests_see_the_same_context() -> None:
+    """A verified-token cache hit gives the same user, tier and permissions as the first use."""
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    app = make_app(authenticator=auth, policy=Policy.default())
+    token = sign(claims(tier="business", roles=["readonly"], scope="invoices:read"))
+    async with client_for(app) as client:
+        responses = [await client.get("/whoami", headers=bearer(token)) for _ in range(3)]
+    bodies = [r.json() for r in responses]
+    assert bodies[0]["user_id"] == USER
+    assert bodies[0]["tier"] == "business"
+    assert "invoices:read" in bodies[0]["permissions"]
+    assert bodies[1] == bodies[0]
+    assert bodies[2] == bodies[0]
+    assert len({r.headers["x-request-id"] for r in responses}) == 3
 
 
 def _ws_app(**options: Any) -> ContextMiddleware:
