@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,6 +28,8 @@ from tests.auth_helpers import (
     rsa_key,
     sign,
 )
+from tests.servers import uvicorn_server
+from tests.tls import TLSFiles, make_tls_files
 
 __all__ = ["auth_server", "control"]  # fixtures used here
 
@@ -194,3 +199,90 @@ def test_unusable_jwks_entries_are_skipped() -> None:
     assert set(load_jwks(document, ("RS256",))) == {("good", "RS256")}
     with pytest.raises(ValueError, match="keys"):
         load_jwks({"keys": "nope"}, ("RS256",))
+
+
+@pytest.fixture(scope="module")
+def tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, TLSFiles]]:
+    """The stand-in authorization server over TLS, with a certificate for ``localhost`` only
+    from a CA made for this module; yields its ``https://localhost:<port>`` URL and files."""
+    files = make_tls_files(tmp_path_factory.mktemp("tls"))
+    tls = ("--ssl-keyfile", str(files.key), "--ssl-certfile", str(files.cert))
+    with uvicorn_server("tests.apps.auth_server:app", extra_args=tls) as url:
+        yield url.replace("http://127.0.0.1:", "https://localhost:"), files
+
+
+@pytest.fixture
+async def tls_control(
+    tls_auth_server: tuple[str, TLSFiles],
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for the TLS server's /control endpoints (trusting the test CA); reset first."""
+    url, files = tls_auth_server
+    trust = ssl.create_default_context(cafile=str(files.ca))
+    async with httpx.AsyncClient(base_url=url, verify=trust) as client:
+        await client.post("/control/reset", json={})
+        yield client
+
+
+def _trusting(ca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the test CA the trust store of SSL contexts created from now on (as a deployment
+    with a private CA would set ``SSL_CERT_FILE``)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+async def test_https_jwks_is_fetched_over_verified_tls(
+    tls_auth_server: tuple[str, TLSFiles],
+    tls_control: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The built-in https fetch (no http_client=) verifies the chain and gets the keys."""
+    url, files = tls_auth_server
+    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
+    _trusting(files.ca, monkeypatch)
+    auth = _auth(url)
+    assert (await auth.verify(_token("k1"))).user_id
+    async with client_for(make_app(authenticator=auth)) as client:
+        response = await client.get("/whoami", headers=bearer(_token("k1", jti="second")))
+    assert response.status_code == 200
+    assert await _hits(tls_control) == 1
+
+
+async def test_https_jwks_with_an_untrusted_certificate_is_a_503(
+    tls_auth_server: tuple[str, TLSFiles],
+    tls_control: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Certificates are verified: a server the trust store does not know gets no request."""
+    url, _ = tls_auth_server
+    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
+    auth = _auth(url)  # the machine's default trust store, which lacks the test CA
+    with (
+        caplog.at_level(logging.WARNING, logger="ctxvars_mw"),
+        pytest.raises(ServiceUnavailableError),
+    ):
+        await auth.verify(_token("k1"))
+    assert "ConnectError: TLS: unable to get local issuer certificate" in caplog.text
+    async with client_for(make_app(authenticator=auth)) as client:
+        response = await client.get("/whoami", headers=bearer(_token("k1")))
+    assert response.status_code == 503
+    assert await _hits(tls_control) == 0
+
+
+async def test_https_jwks_for_another_host_name_is_a_503(
+    tls_auth_server: tuple[str, TLSFiles],
+    tls_control: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Names are checked: the certificate names localhost, the URL says 127.0.0.1."""
+    url, files = tls_auth_server
+    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
+    _trusting(files.ca, monkeypatch)
+    auth = _auth(url.replace("https://localhost:", "https://127.0.0.1:"))
+    with (
+        caplog.at_level(logging.WARNING, logger="ctxvars_mw"),
+        pytest.raises(ServiceUnavailableError),
+    ):
+        await auth.verify(_token("k1"))
+    assert "TLS: IP address mismatch" in caplog.text
+    assert await _hits(tls_control) == 0

@@ -54,6 +54,22 @@ def check_url(option: str, url: object) -> str:
     return url
 
 
+def _tls_reason(exc: BaseException) -> str:
+    """``": TLS: <OpenSSL's reason>"`` when a certificate check caused ``exc``, else "".
+
+    The reason is one of OpenSSL's fixed messages (an unknown issuer, an expired
+    certificate, a host name mismatch for the configured URL), never text the server sent.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f": TLS: {cause.verify_message}"
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
 class JWKSClient:
     """Signing keys from a JWKS URL, looked up by ``(kid, alg)``."""
 
@@ -130,9 +146,10 @@ class JWKSClient:
             keys = load_jwks(json.loads(await self._download()), self.algorithms)
         except Exception as exc:  # any failure keeps the last good set
             logger.warning(
-                "JWKS fetch from %s failed (%s); keeping the last good key set",
+                "JWKS fetch from %s failed (%s%s); keeping the last good key set",
                 self.url,
                 type(exc).__name__,
+                _tls_reason(exc),
             )
             return
         if not keys:
