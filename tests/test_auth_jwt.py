@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import inspect
 import time
 from typing import Any
@@ -81,6 +82,26 @@ async def test_each_algorithm_family_verifies_with_real_keys(
     other = JWTAuthenticator(key=verifying(), algorithms=[alg], audience=AUDIENCE)
     with pytest.raises(InvalidTokenError):  # an issuer-less authenticator still checks aud
         await other.verify(sign(claims(aud="someone-else"), signing(), alg))
+
+
+@pytest.mark.parametrize("alg", ["HS256", "HS384", "HS512"])
+async def test_hmac_verification_keeps_its_keyed_state_unchanged(alg: str) -> None:
+    """The secret is absorbed once and copied per token: many tokens keep verifying, and a
+    flipped signature bit or another secret of the same length is still refused."""
+    secret = SECRET * 2
+    auth = JWTAuthenticator(key=secret, algorithms=[alg], audience=AUDIENCE, cache_size=0)
+    for i in range(3):
+        assert (await auth.verify(sign(claims(jti=f"t{i}"), secret, alg))).user_id == USER
+    token = sign(claims(), secret, alg)
+    head, body, signature = token.split(".")
+    raw = bytearray(base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)))
+    raw[0] ^= 1
+    flipped = base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode()
+    other_secret = bytes(b ^ 0xFF for b in secret)
+    for bad in (f"{head}.{body}.{flipped}", sign(claims(), other_secret, alg)):
+        with pytest.raises(InvalidTokenError):
+            await auth.verify(bad)
+    assert (await auth.verify(token)).user_id == USER
 
 
 async def test_claims_are_mapped_to_the_identity() -> None:
