@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 __all__ = ["EMPTY", "FrozenMap", "freeze", "freeze_mapping", "thaw"]
 
 _SCALARS = (str, int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 class FrozenMap(Mapping[str, Any]):
@@ -91,25 +92,35 @@ def _reject(value: object, path: str) -> NoReturn:
 
 def _freeze_items(data: Mapping[str, Any], path: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
+    scalar = _SCALAR_TYPES
     for key, value in data.items():
-        if not isinstance(key, str):
+        if type(key) is not str and not isinstance(key, str):
             raise TypeError(f"{path or 'mapping'} has a key that is not a string")
-        out[key] = freeze(value, f"{path}.{key}" if path else key)
+        out[key] = (
+            value if type(value) in scalar else freeze(value, f"{path}.{key}" if path else key)
+        )
     return out
 
 
 def freeze(value: Any, path: str = "") -> Any:
     """Return a deep-frozen copy of a JSON-like value (TypeError for anything else)."""
-    if isinstance(value, _SCALARS):
+    # Exact types first: FrozenMap is a Mapping, and isinstance() against an ABC is slow.
+    kind = type(value)
+    if kind in _SCALAR_TYPES or kind is FrozenMap:
+        return value
+    if kind is dict:
+        return FrozenMap._trusted(_freeze_items(value, path))
+    if kind is list or kind is tuple:
+        scalar = _SCALAR_TYPES
+        return tuple([v if type(v) in scalar else freeze(v, path) for v in value])
+    if isinstance(value, _SCALARS):  # subclasses: str enums, IntEnum, ...
         return value
     if isinstance(value, FrozenMap):
         return value
-    if type(value) is dict:  # the common case, without the slower ABC check below
-        return FrozenMap._trusted(_freeze_items(value, path))
     if isinstance(value, Mapping):
         return FrozenMap._trusted(_freeze_items(value, path))
     if isinstance(value, (list, tuple)):
-        return tuple(freeze(v, path) for v in value)
+        return tuple([freeze(v, path) for v in value])
     if isinstance(value, (set, frozenset)):
         # Sets become sorted tuples so that they serialize (and round-trip) as JSON lists.
         return tuple(sorted((freeze(v, path) for v in value), key=repr))
@@ -121,6 +132,8 @@ EMPTY = FrozenMap._trusted({})
 
 def freeze_mapping(value: Mapping[str, Any] | None) -> FrozenMap:
     """Freeze a mapping (None or empty → the shared empty map); TypeError if not a mapping."""
+    if type(value) is dict:  # the common case (parsed JSON), without ABC checks
+        return FrozenMap._trusted(_freeze_items(value)) if value else EMPTY
     if not value:
         if value is None or isinstance(value, Mapping):
             return EMPTY

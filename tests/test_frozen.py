@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import pickle
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -48,6 +50,47 @@ def test_freeze_refuses_non_json_values(value: Any) -> None:
     """Anything that is not JSON-like raises TypeError naming where it was."""
     with pytest.raises(TypeError):
         freeze(value)
+
+
+class Color(enum.StrEnum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 2
+
+
+class Settings(Mapping[str, Any]):
+    """A Mapping that is not a dict (the ABC path)."""
+
+    def __init__(self, **data: Any) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def test_scalar_subclasses_and_non_dict_mappings_take_the_slow_path_correctly() -> None:
+    """Exact-type fast paths aside, str/int subclasses are kept, other Mappings frozen, and a
+    bad value inside a list inside a custom Mapping is still refused."""
+    frozen = freeze_mapping(
+        Settings(color=Color.RED, level=Level.HIGH, nested=Settings(items=[1, {"k": "v"}]))
+    )
+    assert frozen["color"] is Color.RED
+    assert frozen["level"] is Level.HIGH
+    assert frozen["nested"] == FrozenMap({"items": (1, FrozenMap({"k": "v"}))})
+    assert isinstance(frozen["nested"]["items"][1], FrozenMap)
+    assert freeze([Color.RED, (Level.HIGH,)]) == (Color.RED, (Level.HIGH,))
+    with pytest.raises(TypeError, match=r"outer\.inner"):
+        freeze_mapping(Settings(outer=Settings(inner=[1, b"raw"])))
+    with pytest.raises(TypeError):
+        freeze_mapping(OrderedDict([(1, "int key")]))
 
 
 def test_error_names_the_path() -> None:
