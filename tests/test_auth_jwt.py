@@ -22,6 +22,7 @@ from ctxvars_mw import (
     Tier,
     use_id_rules,
 )
+from ctxvars_mw.auth import jose
 from ctxvars_mw.auth.jwt import from_pyjwt_error
 from tests.auth_helpers import (
     AUDIENCE,
@@ -102,6 +103,24 @@ async def test_hmac_verification_keeps_its_keyed_state_unchanged(alg: str) -> No
         with pytest.raises(InvalidTokenError):
             await auth.verify(bad)
     assert (await auth.verify(token)).user_id == USER
+
+
+async def test_decoded_headers_are_remembered_only_when_valid_and_in_bounds() -> None:
+    """Tokens share a header segment; a refused header is refused every time; the memo of
+    decoded headers stays bounded under a stream of made-up ones."""
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE, cache_size=0)
+    first, second = sign(claims(jti="a")), sign(claims(jti="b"))
+    assert first.split(".")[0] == second.split(".")[0]
+    assert (await auth.verify(first)).user_id == USER
+    assert (await auth.verify(second)).user_id == USER
+    repeated = forge('{"alg":"HS256","alg":"HS256","typ":"JWT"}', dumps(claims()))
+    for _ in range(2):
+        with pytest.raises(InvalidTokenError, match="repeats"):
+            await auth.verify(repeated)
+    for i in range(jose._HEADERS_MAX + 50):
+        made_up = forge(dumps({"alg": "HS256", "kid": f"k{i}"}), dumps(claims()))
+        assert (await auth.verify(made_up)).user_id == USER
+    assert len(jose._headers) <= jose._HEADERS_MAX
 
 
 async def test_claims_are_mapped_to_the_identity() -> None:

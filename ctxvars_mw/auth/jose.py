@@ -82,13 +82,25 @@ def _object(raw: bytes) -> dict[str, Any]:
     return value
 
 
+# An issuer's tokens share one header segment (alg, kid, typ): its decoded form, a pure
+# function of the segment, is remembered. Read-only for every caller; bounded, so a stream of
+# made-up headers only churns it.
+_headers: dict[str, dict[str, Any]] = {}
+_HEADERS_MAX = 256
+
+
 def parse_compact(token: str) -> Compact:
     """Split and decode ``token``; InvalidTokenError when it is not a well-formed JWS."""
     if _COMPACT_RE.fullmatch(token) is None:
         raise InvalidTokenError(_MALFORMED)
     header_b64, payload_b64, signature_b64 = token.split(".")
     try:
-        header = _object(_b64(header_b64))
+        header = _headers.get(header_b64)
+        if header is None:
+            header = _object(_b64(header_b64))
+            if len(_headers) >= _HEADERS_MAX:
+                _headers.clear()
+            _headers[header_b64] = header
         payload = _object(_b64(payload_b64))
         signature = _b64(signature_b64)
     except binascii.Error:
