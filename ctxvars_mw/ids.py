@@ -19,6 +19,7 @@ from .errors import ConfigurationError
 
 __all__ = [
     "IdRules",
+    "check_id_header_names",
     "generate_id",
     "generate_ids",
     "get_id_rules",
@@ -246,6 +247,33 @@ _VALIDATED_MAX = 4096
 
 #: What an incoming request or correlation id header may look like.
 HEADER_ID_RE = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+# Headers with a meaning of their own that an id may not be read from or written to.
+_RESERVED_HEADERS = frozenset(
+    ["authorization", "traceparent", "tracestate", "baggage", "sec-websocket-protocol"]
+)
+
+
+def check_id_header_names(
+    request_id_header: object, correlation_id_header: object
+) -> tuple[str, str]:
+    """The two id header names, checked (ConfigurationError): tokens of at most 64 letters,
+    digits and dashes, not a header with another meaning, and not the same name twice."""
+    names = []
+    for option, value in (
+        ("request_id_header", request_id_header),
+        ("correlation_id_header", correlation_id_header),
+    ):
+        if not isinstance(value, str) or not _HEADER_NAME_RE.fullmatch(value):
+            raise ConfigurationError(f"{option} must be a header name")
+        if value.lower() in _RESERVED_HEADERS:
+            raise ConfigurationError(f"{option} may not be a header with another meaning")
+        names.append(value)
+    if names[0].lower() == names[1].lower():
+        raise ConfigurationError("request_id_header and correlation_id_header must differ")
+    return names[0], names[1]
+
 
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?")
 _ZERO_TRACE = "0" * 32

@@ -2,7 +2,8 @@
 
 ``outgoing_headers()`` gives the headers a downstream call should carry:
 
-* ``X-Request-ID`` / ``X-Correlation-ID`` — the context's ``request_id`` and ``correlation_id``.
+* ``X-Request-ID`` / ``X-Correlation-ID`` — the context's ``request_id`` and ``correlation_id``
+  (other names with ``request_id_header=``/``correlation_id_header=``, as for the middleware).
 * ``traceparent`` — version ``00``, the context's ``trace_id`` and a **new parent id per
   call**. A context without a trace id (no valid traceparent came in) uses one derived from
   its ``correlation_id`` (the first 128 bits of its BLAKE2b hash), so every call made for one
@@ -37,7 +38,7 @@ from .context import UserExecutionContext
 from .current import get_context_or_none
 from .envelope import dumps, loads
 from .errors import ConfigurationError
-from .ids import random_hex
+from .ids import check_id_header_names, random_hex
 from .w3c import TOKEN_RE, format_baggage
 
 __all__ = [
@@ -123,8 +124,15 @@ def _span_id() -> str:
     return span if span != _ZERO_SPAN else "1".zfill(16)
 
 
-def _headers(ctx: UserExecutionContext, plan: tuple[tuple[str, Any], ...]) -> dict[str, str]:
-    headers = {"X-Request-ID": ctx.request_id, "X-Correlation-ID": ctx.correlation_id}
+_ID_HEADERS = ("X-Request-ID", "X-Correlation-ID")
+
+
+def _headers(
+    ctx: UserExecutionContext,
+    plan: tuple[tuple[str, Any], ...],
+    id_headers: tuple[str, str] = _ID_HEADERS,
+) -> dict[str, str]:
+    headers = {id_headers[0]: ctx.request_id, id_headers[1]: ctx.correlation_id}
     span = _span_source() if _span_source is not None else None
     if span is not None:
         trace_id, span_id, flags, state = span
@@ -145,14 +153,24 @@ def outgoing_headers(
     ctx: UserExecutionContext | None = None,
     *,
     baggage_keys: Iterable[str] = DEFAULT_BAGGAGE_KEYS,
+    request_id_header: str = "X-Request-ID",
+    correlation_id_header: str = "X-Correlation-ID",
 ) -> dict[str, str]:
     """The headers a downstream call made for ``ctx`` should carry (the current context when
-    None; ``{}`` outside one). See the module docstring for each header."""
+    None; ``{}`` outside one). See the module docstring for each header; the id header names
+    are those the downstream ``ContextMiddleware`` was configured to read."""
+    names = _id_names(request_id_header, correlation_id_header)
     if ctx is None:
         ctx = get_context_or_none()
         if ctx is None:
             return {}
-    return _headers(ctx, _plan_for(baggage_keys))
+    return _headers(ctx, _plan_for(baggage_keys), names)
+
+
+def _id_names(request_id_header: str, correlation_id_header: str) -> tuple[str, str]:
+    if request_id_header == "X-Request-ID" and correlation_id_header == "X-Correlation-ID":
+        return _ID_HEADERS
+    return check_id_header_names(request_id_header, correlation_id_header)
 
 
 BearerToken = str | Callable[[], "str | None"] | None
@@ -161,8 +179,11 @@ BearerToken = str | Callable[[], "str | None"] | None
 class _HeaderAdder:
     """What both transports share: options checked once, headers added per request."""
 
-    def __init__(self, baggage_keys: Iterable[str], bearer_token: BearerToken) -> None:
+    def __init__(
+        self, baggage_keys: Iterable[str], bearer_token: BearerToken, id_headers: tuple[str, str]
+    ) -> None:
         self._plan = _plan_for(baggage_keys)
+        self._id_headers = _id_names(*id_headers)
         if isinstance(bearer_token, str):
             _check_token(bearer_token)
         elif bearer_token is not None and not callable(bearer_token):
@@ -173,7 +194,7 @@ class _HeaderAdder:
         headers = request.headers
         ctx = get_context_or_none()
         if ctx is not None:
-            for name, value in _headers(ctx, self._plan).items():
+            for name, value in _headers(ctx, self._plan, self._id_headers).items():
                 if name not in headers:
                     headers[name] = value
         bearer = self._bearer
@@ -198,6 +219,8 @@ class ContextTransport(_HeaderAdder, httpx.BaseTransport):
     the request already has are kept. ``baggage_keys`` is the baggage allow-list.
     ``bearer_token`` (opt-in) is a token, or a callable returning the token to send for this
     request, as ``Authorization: Bearer …`` when the request has no ``Authorization`` header.
+    ``request_id_header``/``correlation_id_header`` name the id headers, as the downstream
+    ``ContextMiddleware`` reads them.
     """
 
     def __init__(
@@ -206,10 +229,12 @@ class ContextTransport(_HeaderAdder, httpx.BaseTransport):
         *,
         baggage_keys: Iterable[str] = DEFAULT_BAGGAGE_KEYS,
         bearer_token: BearerToken = None,
+        request_id_header: str = "X-Request-ID",
+        correlation_id_header: str = "X-Correlation-ID",
     ) -> None:
         if wrapped is not None and not isinstance(wrapped, httpx.BaseTransport):
             raise ConfigurationError("wrapped must be an httpx.BaseTransport")
-        super().__init__(baggage_keys, bearer_token)
+        super().__init__(baggage_keys, bearer_token, (request_id_header, correlation_id_header))
         self.wrapped = wrapped if wrapped is not None else httpx.HTTPTransport()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -231,10 +256,12 @@ class AsyncContextTransport(_HeaderAdder, httpx.AsyncBaseTransport):
         *,
         baggage_keys: Iterable[str] = DEFAULT_BAGGAGE_KEYS,
         bearer_token: BearerToken = None,
+        request_id_header: str = "X-Request-ID",
+        correlation_id_header: str = "X-Correlation-ID",
     ) -> None:
         if wrapped is not None and not isinstance(wrapped, httpx.AsyncBaseTransport):
             raise ConfigurationError("wrapped must be an httpx.AsyncBaseTransport")
-        super().__init__(baggage_keys, bearer_token)
+        super().__init__(baggage_keys, bearer_token, (request_id_header, correlation_id_header))
         self.wrapped = wrapped if wrapped is not None else httpx.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -1023,6 +1023,8 @@ class _NoAuthenticate:
         {"request_id_header": "Authorization"},
         {"correlation_id_header": "traceparent"},
         {"correlation_id_header": "Sec-WebSocket-Protocol"},
+        {"correlation_id_header": "Baggage"},
+        {"request_id_header": "tracestate"},
         {"correlation_id_header": "x-request-id"},
         {"websocket_token_query_param": ""},
         {"websocket_token_query_param": 5},

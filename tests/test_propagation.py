@@ -35,7 +35,7 @@ RESERVED |= {"session_id", "claims", "db_session", "authorization", "token"}
 @pytest.fixture(scope="module")
 def echo_url() -> Iterator[str]:
     """A real uvicorn server that echoes the headers (and downstream context) it receives."""
-    with uvicorn_server("tests.integrations.echo_app:app") as url:
+    with uvicorn_server("tests.integrations.echo_app:routed") as url:
         yield url
 
 
@@ -224,6 +224,47 @@ async def test_downstream_service_continues_the_trace_and_correlation(echo_url: 
         "baggage": {"tier": "business"},
         "tracestate": "congo=t61rcWkgMzE",
     }
+
+
+def test_id_header_names_can_follow_the_downstream_middleware() -> None:
+    """request_id_header/correlation_id_header rename the two id headers, checked like the
+    middleware's options."""
+    with use_context(ALICE):
+        headers = outgoing_headers(
+            request_id_header="X-Amzn-Request-Id", correlation_id_header="Request-Chain"
+        )
+    assert headers["X-Amzn-Request-Id"] == ALICE.request_id
+    assert headers["Request-Chain"] == ALICE.correlation_id
+    assert "X-Request-ID" not in headers
+    assert "X-Correlation-ID" not in headers
+    for bad in (
+        {"request_id_header": "X Request"},
+        {"request_id_header": "traceparent"},
+        {"correlation_id_header": "Baggage"},
+        {"request_id_header": "A", "correlation_id_header": "a"},
+    ):
+        with pytest.raises(ConfigurationError):
+            outgoing_headers(ALICE, **bad)
+        with pytest.raises(ConfigurationError):
+            AsyncContextTransport(**bad)
+
+
+async def test_a_downstream_service_with_other_id_headers_keeps_the_correlation(
+    echo_url: str,
+) -> None:
+    """A transport naming the downstream middleware's headers carries the ids into it."""
+    transport = AsyncContextTransport(
+        request_id_header="X-Amzn-Request-Id", correlation_id_header="Request-Chain"
+    )
+    async with httpx.AsyncClient(transport=transport, base_url=echo_url) as client:
+        with use_context(TRACED):
+            await asyncio.sleep(0)
+            down = (await client.get("/custom/context")).json()
+            default = (await client.get("/context")).json()
+    assert down["correlation_id"] == TRACED.correlation_id
+    assert down["request_id"] == TRACED.request_id
+    assert down["trace_id"] == TRACE
+    assert default["correlation_id"] != TRACED.correlation_id  # it reads X-Correlation-ID
 
 
 def test_non_mapping_baggage_metadata_is_ignored() -> None:

@@ -3,6 +3,7 @@
 Run by ``tests.servers.uvicorn_server("tests.integrations.echo_app:app")``. ``/headers``
 answers the request headers as JSON (repeated headers joined with ``", "``); ``/context``
 answers the downstream context that ``ContextMiddleware(trust_incoming_baggage=True)`` built.
+Served as ``echo_app:routed``, ``/custom/...`` reaches a middleware reading other id headers.
 """
 
 from __future__ import annotations
@@ -39,3 +40,17 @@ async def _echo(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 app = ContextMiddleware(_echo, trust_incoming_baggage=True)
+
+#: The same service configured with other id header names (``/custom/...`` on the server).
+custom = ContextMiddleware(
+    _echo, request_id_header="X-Amzn-Request-Id", correlation_id_header="Request-Chain"
+)
+
+
+async def routed(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/custom/<path>`` goes to :data:`custom` as ``/<path>``; anything else to :data:`app`."""
+    path = scope.get("path", "")
+    if path.startswith("/custom/"):
+        await custom({**scope, "path": path[len("/custom") :]}, receive, send)
+    else:
+        await app(scope, receive, send)
