@@ -132,8 +132,11 @@ EMPTY = FrozenMap._trusted({})
 
 def freeze_mapping(value: Mapping[str, Any] | None) -> FrozenMap:
     """Freeze a mapping (None or empty → the shared empty map); TypeError if not a mapping."""
-    if type(value) is dict:  # the common case (parsed JSON), without ABC checks
+    kind = type(value)
+    if kind is dict:  # the common cases (parsed JSON; a context's own maps), no ABC checks
         return FrozenMap._trusted(_freeze_items(value)) if value else EMPTY
+    if kind is FrozenMap:
+        return value  # type: ignore[return-value]
     if not value:
         if value is None or isinstance(value, Mapping):
             return EMPTY

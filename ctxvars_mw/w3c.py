@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from .context import UserExecutionContext, evolve
-from .frozen import freeze_mapping
+from .frozen import FrozenMap, freeze_mapping
 from .ids import parse_traceparent
 
 __all__ = [
@@ -129,6 +129,12 @@ def format_baggage(items: Iterable[tuple[str, str]]) -> str:
     return ",".join(members)
 
 
+# Callers tend to send the same baggage again (per tenant, per user): its parsed, frozen
+# form is remembered by the raw header. Bounded; a stream of distinct headers only churns it.
+_parsed_baggage: dict[bytes, FrozenMap] = {}
+_PARSED_BAGGAGE_MAX = 512
+
+
 def apply_incoming(
     ctx: UserExecutionContext, headers: Iterable[tuple[bytes, bytes]]
 ) -> UserExecutionContext:
@@ -151,7 +157,13 @@ def apply_incoming(
             traceparent = value
     extra: dict[str, Any] = {}
     if baggage:
-        members = parse_baggage(b",".join(baggage))
+        raw = baggage[0] if len(baggage) == 1 else b",".join(baggage)
+        members = _parsed_baggage.get(raw)
+        if members is None:
+            members = freeze_mapping(parse_baggage(raw))
+            if len(_parsed_baggage) >= _PARSED_BAGGAGE_MAX:
+                _parsed_baggage.clear()
+            _parsed_baggage[raw] = members
         if members:
             extra["baggage"] = members
     if tracestate and ctx.trace_id is not None and parse_traceparent(traceparent) is not None:

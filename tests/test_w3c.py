@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctxvars_mw import ConfigurationError, ContextMiddleware, get_context
+from ctxvars_mw import ConfigurationError, ContextMiddleware, UserExecutionContext, get_context, w3c
 from ctxvars_mw.types import Receive, Scope, Send
-from ctxvars_mw.w3c import format_baggage, parse_baggage, parse_tracestate
+from ctxvars_mw.w3c import apply_incoming, format_baggage, parse_baggage, parse_tracestate
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -121,6 +121,27 @@ async def test_trusted_baggage_and_tracestate_go_to_audit_metadata() -> None:
         "baggage": {"tenant": "acme corp", "region": "eu"},
         "tracestate": "rojo=00f067aa0ba902b7",
     }
+
+
+def test_remembered_baggage_is_per_header_value_and_bounded() -> None:
+    """Repeated baggage reuses its parsed form; other values get their own; invalid baggage
+    is remembered as empty; the memo stays within its bound."""
+    ctx = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82")
+    acme = apply_incoming(ctx, [(b"baggage", b"tenant=acme")])
+    again = apply_incoming(ctx, [(b"baggage", b"tenant=acme")])
+    other = apply_incoming(ctx, [(b"baggage", b"tenant=globex")])
+    split = apply_incoming(ctx, [(b"baggage", b"tenant=acme"), (b"baggage", b"region=eu")])
+    assert acme.audit_metadata["baggage"] == {"tenant": "acme"}
+    assert again.audit_metadata["baggage"] is acme.audit_metadata["baggage"]
+    assert other.audit_metadata["baggage"] == {"tenant": "globex"}
+    assert split.audit_metadata["baggage"] == {"tenant": "acme", "region": "eu"}
+    for _ in range(2):
+        assert apply_incoming(ctx, [(b"baggage", b"bad key=1")]) is ctx
+    for i in range(w3c._PARSED_BAGGAGE_MAX + 20):
+        assert apply_incoming(ctx, [(b"baggage", b"n=%d" % i)]).audit_metadata["baggage"] == {
+            "n": str(i)
+        }
+    assert len(w3c._parsed_baggage) <= w3c._PARSED_BAGGAGE_MAX
 
 
 @pytest.mark.parametrize(
