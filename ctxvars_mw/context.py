@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from ._memo import remember
 from .errors import InvalidContextError, MaxDepthExceededError, PermissionEscalationError
 from .frozen import EMPTY, FrozenMap, freeze_mapping, thaw
 from .ids import MAX_ID_LENGTH, IdRules, generate_id, generate_ids, get_id_rules, is_valid_id
@@ -71,9 +72,7 @@ def _check_names(name: str, value: object) -> frozenset[str]:
         if not (isinstance(v, str) and v):
             _bad(f"{name} must contain only non-empty strings")
     if items is value and type(items) is frozenset:  # the caller's set: it may come again
-        if len(_checked_names) >= _CHECKED_NAMES_MAX:
-            _checked_names.clear()
-        _checked_names[items] = items
+        remember(_checked_names, items, items, _CHECKED_NAMES_MAX)
     return items
 
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from ._memo import remember
 from .errors import ConfigurationError
 
 __all__ = [
@@ -232,9 +233,7 @@ def is_valid_id(value: str, rules: IdRules | None = None) -> bool:
         or rules.is_placeholder(value)
     ):
         return False
-    if len(_validated) >= _VALIDATED_MAX:
-        _validated.clear()
-    _validated[value] = rules
+    remember(_validated, value, rules, _VALIDATED_MAX)
     return True
 
 

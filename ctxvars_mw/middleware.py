@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Awaitable, Iterable
 
+from ._memo import remember
 from .auth.base import Authenticator, Connection, Identity
 from .auth.jwt import JWTAuthenticator
 from .auth.sessions import SessionStore
@@ -401,9 +402,9 @@ class ContextMiddleware:
         permissions, features = self.policy.resolve(identity.roles, identity.tier or Tier.FREE)
         if identity.permissions or identity.scopes:
             permissions = permissions | identity.permissions | identity.scopes
-        if len(self._resolved) >= _RESOLVED_MAX:
-            self._resolved.clear()
-        self._resolved[id(identity)] = (identity, rules, permissions, features)
+        remember(
+            self._resolved, id(identity), (identity, rules, permissions, features), _RESOLVED_MAX
+        )
         return permissions, features
 
     async def _check_session(self, session_id: str, user_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ._memo import remember
 from .errors import ConfigurationError
 from .tier import Tier
 
@@ -166,10 +167,7 @@ class Policy:
             *(self._role_permissions.get(r, ()) for r in key_roles)
         )
         result = (perms, self._tier_features[key_tier])
-        if len(self._cache) >= _RESOLVE_CACHE_MAX:
-            self._cache.clear()
-        self._cache[key] = result
-        return result
+        return remember(self._cache, key, result, _RESOLVE_CACHE_MAX)
 
     def __repr__(self) -> str:
         return f"Policy(roles={sorted(self._role_permissions)})"

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote
 
+from ._memo import remember
 from .context import UserExecutionContext, evolve
 from .frozen import FrozenMap, freeze_mapping
 from .ids import parse_traceparent
@@ -160,10 +161,9 @@ def apply_incoming(
         raw = baggage[0] if len(baggage) == 1 else b",".join(baggage)
         members = _parsed_baggage.get(raw)
         if members is None:
-            members = freeze_mapping(parse_baggage(raw))
-            if len(_parsed_baggage) >= _PARSED_BAGGAGE_MAX:
-                _parsed_baggage.clear()
-            _parsed_baggage[raw] = members
+            members = remember(
+                _parsed_baggage, raw, freeze_mapping(parse_baggage(raw)), _PARSED_BAGGAGE_MAX
+            )
         if members:
             extra["baggage"] = members
     if tracestate and ctx.trace_id is not None and parse_traceparent(traceparent) is not None:

@@ -16,6 +16,7 @@ import re
 import string
 from typing import Any, NamedTuple, NoReturn
 
+from .._memo import remember
 from ..errors import InvalidTokenError
 
 __all__ = ["Compact", "HeaderRules", "parse_compact"]
@@ -97,10 +98,7 @@ def parse_compact(token: str) -> Compact:
     try:
         header = _headers.get(header_b64)
         if header is None:
-            header = _object(_b64(header_b64))
-            if len(_headers) >= _HEADERS_MAX:
-                _headers.clear()
-            _headers[header_b64] = header
+            header = remember(_headers, header_b64, _object(_b64(header_b64)), _HEADERS_MAX)
         payload = _object(_b64(payload_b64))
         signature = _b64(signature_b64)
     except binascii.Error:
