@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import breakdown, driver, events_bench, memory, micro, report, wrk_bench
+from . import breakdown, driver, events_bench, instructions, memory, micro, report, wrk_bench
 from .stats import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("asgi", "breakdown", "micro", "wrk", "memory", "events")
+SECTIONS = ("asgi", "breakdown", "micro", "wrk", "memory", "events", "instructions")
 
 #: Parameters of each section: (quick, full).
 PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -36,6 +36,10 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"messages": 300, "connections": 1_000},
         {"messages": 3_000, "connections": 10_000},
     ),
+    "instructions": (
+        {"low": 100, "high": 300, "names": instructions.QUICK_VARIANTS},
+        {"low": 500, "high": 2500},
+    ),
 }
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "asgi": driver.run,
@@ -44,15 +48,21 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "wrk": wrk_bench.run,
     "memory": memory.run,
     "events": events_bench.run,
+    "instructions": instructions.run,
 }
 UNAVAILABLE: dict[str, Callable[[], str | None]] = {
     "breakdown": breakdown.available,
     "wrk": wrk_bench.available,
     "events": events_bench.available,
+    "instructions": instructions.available,
 }
 
 
-_SECTION_WRITERS = (("breakdown", breakdown), ("events", events_bench))
+_SECTION_WRITERS = (
+    ("breakdown", breakdown),
+    ("events", events_bench),
+    ("instructions", instructions),
+)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
