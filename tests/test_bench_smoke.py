@@ -9,7 +9,17 @@ from typing import Any
 
 import pytest
 
-from bench import analysis, breakdown, driver, events_bench, memory, micro, report, run
+from bench import (
+    analysis,
+    breakdown,
+    driver,
+    events_bench,
+    instructions,
+    memory,
+    micro,
+    report,
+    run,
+)
 from bench.stats import Summary, machine
 
 
@@ -104,6 +114,25 @@ def test_run_writes_json_and_renders_targets(
     data = json.loads(saved.read_text())
     assert {"machine", "asgi", "micro", "argv"} <= data.keys()
     assert not (tmp_path / "latest.md").exists()  # only a full run replaces latest.md
+
+
+def test_instruction_count_child_runs_each_variant_in_process() -> None:
+    """The code callgrind runs (warm-up, then n requests) works for every variant."""
+    for name in ("bare", "ctxvars", "correlation"):
+        instructions._child(name, 3)
+
+
+def test_instruction_counts_cancel_start_up_and_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per request = (I(high) - I(low)) / (high - low); the table shows Δ and peer ratios.
+    (Counting under valgrind itself takes ~30 s a process: `python -m bench.run --only
+    instructions` does that.)"""
+    cost = {"bare": 80_000, "ctxvars": 140_000, "correlation": 120_000}
+    monkeypatch.setattr(instructions, "_count", lambda name, n: 10**9 + cost[name] * n)
+    result = instructions.run(low=100, high=300, names=("bare", "ctxvars", "correlation", "x"))
+    assert result["per_request"] == {"bare": 80_000, "ctxvars": 140_000, "correlation": 120_000}
+    text = "\n".join(instructions.section(result))
+    assert "| ctxvars_mw anonymous | 140,000 | 60,000 | 1.50x |" in text
+    assert "| asgi-correlation-id | 120,000 | 40,000 | 1.00x |" in text
 
 
 def test_summary_and_report_helpers() -> None:
