@@ -7,6 +7,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -70,6 +71,9 @@ def uvicorn_server(
 ) -> Iterator[str]:
     """Run ``uvicorn APP`` (``module:attr``) on 127.0.0.1; yield its base URL; stop it after."""
     port = port or free_port()
+    # The server's output goes to a file, not a pipe: nobody reads a pipe while the test
+    # runs, and a server that logs enough would block on a full one (and with it the test).
+    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -86,7 +90,7 @@ def uvicorn_server(
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
     )
     try:
@@ -94,8 +98,10 @@ def uvicorn_server(
             wait_for_port(port, timeout)
         except TimeoutError:
             proc.kill()
-            output = proc.communicate()[0].decode(errors="replace")
-            raise RuntimeError(f"uvicorn {app} did not start:\n{output}") from None
+            proc.wait()
+            output.seek(0)
+            printed = output.read().decode(errors="replace")
+            raise RuntimeError(f"uvicorn {app} did not start:\n{printed}") from None
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
@@ -105,5 +111,4 @@ def uvicorn_server(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        output.close()
