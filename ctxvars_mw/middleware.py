@@ -52,6 +52,9 @@ _ZERO_SPAN = b"0" * 16
 _SESSION_FAILURE = ("closed", "open")
 _NO_NAMES: frozenset[str] = frozenset()
 _RESOLVED_MAX = 4096
+# The scope key under which a ContextMiddleware hands its context (for the ids) to one nested
+# inside it.
+_SCOPE_CTX = "ctxvars_mw.context"
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
 
 
@@ -169,16 +172,24 @@ class ContextMiddleware:
                 elif name == b"sec-websocket-protocol":
                     protocols = value
 
-        # One random draw gives the thread and run ids, and the request id when none came in.
-        thread_id, run_id, generated_request_id = generate_ids()
+        outer: UserExecutionContext | None = scope.get(_SCOPE_CTX)
+        if outer is None:
+            # One random draw gives the thread and run ids, and the request id when none came.
+            thread_id, run_id, generated_request_id = generate_ids()
+            request_id = _accept_id(raw_rid, "request") if raw_rid is not None else None
+            if request_id is None:
+                request_id = generated_request_id
+            correlation_id = _accept_id(raw_cid, "correlation") if raw_cid is not None else None
+            if correlation_id is None:
+                correlation_id = request_id
+            trace_id = None if raw_trace is None else _trace_id(raw_trace)
+        else:
+            # An outer ContextMiddleware handles this request already (a mounted sub-app with
+            # its own middleware): one request, one set of ids, whatever each authenticates.
+            thread_id, run_id = outer.thread_id, outer.run_id
+            request_id, correlation_id = outer.request_id, outer.correlation_id
+            trace_id = outer.trace_id
         ids = (thread_id, run_id)
-        request_id = _accept_id(raw_rid, "request") if raw_rid is not None else None
-        if request_id is None:
-            request_id = generated_request_id
-        correlation_id = _accept_id(raw_cid, "correlation") if raw_cid is not None else None
-        if correlation_id is None:
-            correlation_id = request_id
-        trace_id = None if raw_trace is None else _trace_id(raw_trace)
         ws_id = request_id if scope_type == "websocket" else None
         rid_value = request_id.encode("ascii")
         id_headers = [
@@ -239,6 +250,8 @@ class ContextMiddleware:
                     started = True
                 return send(message)
 
+        if outer is None:
+            scope[_SCOPE_CTX] = ctx  # for a ContextMiddleware nested inside this one
         stack, stack_token = open_stack()
         ctx_token = _current.set(ctx)
         try:
@@ -253,6 +266,8 @@ class ContextMiddleware:
             await _send_500(send, id_headers)
             raise
         finally:
+            if outer is None:
+                del scope[_SCOPE_CTX]  # the scope dict holds nothing of this request's now
             try:
                 if stack:
                     await run_cleanups(stack)

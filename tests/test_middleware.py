@@ -578,6 +578,97 @@ async def test_custom_header_names() -> None:
     assert result.values("x-correlation-id") == []
 
 
+# -- nested middleware ---------------------------------------------------------------------
+
+NESTED_SECRET = b"nested-secret-" + bytes(range(32))
+NESTED_USER = "auth0|5f7c8ec7c33c6c004bbafe82"
+
+
+def _nested_app(seen: dict[str, UserExecutionContext]) -> ContextMiddleware:
+    """An anonymous outer ContextMiddleware; under /api a sub-app with its own, authenticating
+    ContextMiddleware (as a mounted FastAPI/Starlette sub-application would have)."""
+    from starlette.routing import Mount
+
+    from ctxvars_mw import JWTAuthenticator
+
+    async def inner_endpoint(request: Request) -> JSONResponse:
+        seen["inner"] = get_context()
+        return JSONResponse({"user_id": seen["inner"].user_id})
+
+    inner = ContextMiddleware(
+        Starlette(routes=[Route("/whoami", inner_endpoint)]),
+        authenticator=JWTAuthenticator(key=NESTED_SECRET, algorithms=["HS256"]),
+        require_authentication=True,
+    )
+
+    async def spy(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen["outer"] = get_context()
+        await Starlette(routes=[Mount("/api", app=inner)])(scope, receive, send)
+
+    return ContextMiddleware(spy)
+
+
+def _nested_token() -> bytes:
+    claims = {"sub": NESTED_USER, "exp": int(time.time()) + 600}
+    return b"Bearer " + jwt.encode(claims, NESTED_SECRET, algorithm="HS256").encode()
+
+
+async def test_a_nested_middleware_keeps_the_outer_requests_ids() -> None:
+    """The inner middleware authenticates but keeps the request's ids, incoming or generated:
+    the app's context and the one response header agree."""
+    seen: dict[str, UserExecutionContext] = {}
+    app = _nested_app(seen)
+    given = await request(
+        app,
+        "/api/whoami",
+        [hdr("authorization", _nested_token()), hdr("x-request-id", VALID_RID),
+         hdr("traceparent", TRACEPARENT)],
+    )  # fmt: skip
+    assert given.status == 200
+    inner, outer = seen["inner"], seen["outer"]
+    assert inner.user_id == NESTED_USER
+    assert inner.is_authenticated
+    assert not outer.is_authenticated
+    assert inner.request_id == outer.request_id == VALID_RID == given.header("x-request-id")
+    assert inner.correlation_id == outer.correlation_id == given.header("x-correlation-id")
+    assert (inner.thread_id, inner.run_id) == (outer.thread_id, outer.run_id)
+    assert inner.trace_id == outer.trace_id == TRACE_ID
+    generated = await request(app, "/api/whoami", [hdr("authorization", _nested_token())])
+    assert seen["inner"].request_id == seen["outer"].request_id
+    assert generated.header("x-request-id") == seen["inner"].request_id != VALID_RID
+
+
+async def test_a_nested_middleware_refusal_carries_the_same_ids() -> None:
+    """The inner middleware's 401 goes out with the outer request's ids, once each."""
+    seen: dict[str, UserExecutionContext] = {}
+    refused = await request(_nested_app(seen), "/api/whoami", [hdr("x-request-id", VALID_RID)])
+    assert refused.status == 401
+    assert refused.header("x-request-id") == VALID_RID == seen["outer"].request_id
+    assert refused.header("x-correlation-id") == seen["outer"].correlation_id
+
+
+async def test_a_scope_dict_used_again_gets_new_ids() -> None:
+    """The ids handed to nested middleware leave the scope with the request: a harness that
+    reuses its scope dict still gets a new request id each time."""
+    app = ContextMiddleware(echo_app)
+    scope = http_scope()
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    ids = []
+    for _ in range(2):
+        await app(scope, receive, send)
+        ids.append(json.loads(sent[-1]["body"])["request_id"])
+        assert "ctxvars_mw.context" not in scope
+    assert ids[0] != ids[1]
+
+
 # -- traceparent ---------------------------------------------------------------------------
 
 
