@@ -213,7 +213,7 @@ def generate_id() -> str:
 
 def generate_ids() -> tuple[str, str, str]:
     """Three random ids of 24 lowercase hex characters (96 bits each)."""
-    raw = random_hex(36)
+    raw = _getrandbits(288).to_bytes(36, "little").hex()  # random_hex(36), one call less
     return raw[:24], raw[24:48], raw[48:]
 
 

@@ -199,7 +199,23 @@ class ContextMiddleware:
 
         subprotocol_token = False
         if auth_headers is None:
-            ctx = self._anonymous(ids, request_id, correlation_id, trace_id, ws_id)
+            ctx = request_context(
+                ANONYMOUS_USER_ID,
+                thread_id,
+                run_id,
+                request_id,
+                correlation_id,
+                trace_id,
+                ws_id,
+                None,
+                Tier.FREE,
+                _NO_NAMES,
+                _NO_NAMES,
+                self._anonymous_features,
+                EMPTY,
+                None,
+                False,
+            )
         else:
             try:
                 token, subprotocol_token = self._find_token(scope, auth_headers, protocols)
@@ -461,7 +477,9 @@ def _accept_id(raw: bytes, kind: str) -> str | None:
     # request ids stay out of its memo, which they would only churn).
     if raw and _header_id_match(raw) is not None:
         value = raw.decode("ascii")
-        if not get_id_rules().is_placeholder(value):
+        rules = get_id_rules()
+        # Real ids are longer than any placeholder: no call to is_placeholder() for them.
+        if len(value) >= rules._safe_length or not rules.is_placeholder(value):
             return value
     logger.debug("replaced an invalid incoming %s id header with a generated id", kind)
     return None
