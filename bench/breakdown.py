@@ -41,6 +41,24 @@ def available() -> str | None:
     return None
 
 
+def _anonymous_builder() -> Any:
+    """Builds the anonymous context as the middleware does (its fast constructor, FREE)."""
+    from ctxvars_mw import Policy, Tier
+    from ctxvars_mw.context import ANONYMOUS_USER_ID, request_context
+    from ctxvars_mw.frozen import EMPTY
+
+    features = Policy.default().features_for_tier(Tier.FREE)
+    none: frozenset[str] = frozenset()
+
+    def build(ids: tuple[str, str], rid: str, cid: str, trace: str | None, ws: str | None) -> Any:
+        return request_context(
+            ANONYMOUS_USER_ID, ids[0], ids[1], rid, cid, trace, ws, None, Tier.FREE, none, none,
+            features, EMPTY, None, False,
+        )  # fmt: skip
+
+    return build
+
+
 def _helpers() -> dict[str, Any]:
     from ctxvars_mw import middleware as mw
     from ctxvars_mw import resources
@@ -52,7 +70,7 @@ def _helpers() -> dict[str, Any]:
         "trace": mw._trace_id,
         "with_ids": mw._with_ids,
         "generate_ids": generate_ids,
-        "anonymous": ContextMiddleware(bare_app())._anonymous,
+        "anonymous": _anonymous_builder(),
         "var": _current,
         "open_stack": resources.open_stack,
         "close_stack": resources.close_stack,

@@ -198,7 +198,27 @@ class ContextMiddleware:
         ]
 
         subprotocol_token = False
-        if auth_headers is None:
+        identity: Identity | None = None
+        if auth_headers is not None:
+            try:
+                token, subprotocol_token = self._find_token(scope, auth_headers, protocols)
+                jwt = self._jwt
+                if jwt is not None and token is not None:
+                    # JWTAuthenticator as is: a verified-token cache hit costs no Connection
+                    # and no coroutine; a miss is verified with the digest already computed.
+                    digest, identity = jwt._lookup(token)
+                    if identity is None:
+                        identity = await self._verify_jwt(jwt, token, digest)
+                else:
+                    identity = await self._authenticate(scope, token)
+                if identity is not None:
+                    ctx = await self._context_for(
+                        identity, ids, request_id, correlation_id, trace_id, ws_id
+                    )
+            except _HTTPError as exc:
+                await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
+                return
+        if identity is None:  # anonymous: FREE, no roles, the free tier's features
             ctx = request_context(
                 ANONYMOUS_USER_ID,
                 thread_id,
@@ -216,24 +236,6 @@ class ContextMiddleware:
                 None,
                 False,
             )
-        else:
-            try:
-                token, subprotocol_token = self._find_token(scope, auth_headers, protocols)
-                jwt = self._jwt
-                if jwt is not None and token is not None:
-                    # JWTAuthenticator as is: a verified-token cache hit costs no Connection
-                    # and no coroutine; a miss is verified with the digest already computed.
-                    digest, identity = jwt._lookup(token)
-                    if identity is None:
-                        identity = await self._verify_jwt(jwt, token, digest)
-                else:
-                    identity = await self._authenticate(scope, token)
-                ctx = await self._context_for(
-                    identity, ids, request_id, correlation_id, trace_id, ws_id
-                )
-            except _HTTPError as exc:
-                await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
-                return
         if self._trust_baggage:
             ctx = apply_incoming(ctx, scope["headers"])
 
@@ -290,33 +292,6 @@ class ContextMiddleware:
             finally:
                 _current.reset(ctx_token)
                 close_stack(stack, stack_token)
-
-    def _anonymous(
-        self,
-        ids: tuple[str, str],
-        request_id: str,
-        correlation_id: str,
-        trace_id: str | None,
-        ws_id: str | None,
-    ) -> UserExecutionContext:
-        """The context of an unauthenticated request: FREE, no roles, free-tier features."""
-        return request_context(
-            ANONYMOUS_USER_ID,
-            ids[0],
-            ids[1],
-            request_id,
-            correlation_id,
-            trace_id,
-            ws_id,
-            None,
-            Tier.FREE,
-            _NO_NAMES,
-            _NO_NAMES,
-            self._anonymous_features,
-            EMPTY,
-            None,
-            False,
-        )
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -383,15 +358,14 @@ class ContextMiddleware:
 
     async def _context_for(
         self,
-        identity: Identity | None,
+        identity: Identity,
         ids: tuple[str, str],
         request_id: str,
         correlation_id: str,
         trace_id: str | None,
         ws_id: str | None,
     ) -> UserExecutionContext:
-        if identity is None:
-            return self._anonymous(ids, request_id, correlation_id, trace_id, ws_id)
+        """The context of an authenticated request (its session checked first, if any)."""
         permissions, features = self._resolve(identity)
         session_id = identity.session_id
         if session_id is not None and self.session_store is not None:
