@@ -284,8 +284,8 @@ class ContextMiddleware:
             await _send_500(send, id_headers)
             raise
         finally:
-            if outer is None:
-                del scope[_SCOPE_CTX]  # the scope dict holds nothing of this request's now
+            if outer is None:  # the scope dict holds nothing of this request's now
+                scope.pop(_SCOPE_CTX, None)  # (pop: the app may have dropped the key itself)
             try:
                 if stack:
                     await run_cleanups(stack)
