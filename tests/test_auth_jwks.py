@@ -215,11 +215,13 @@ def tls_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 async def tls_control(
     tls_auth_server: tuple[str, TLSFiles],
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A client for the TLS server's /control endpoints (trusting the test CA); reset first."""
+    """A client for the TLS server's /control endpoints (trusting the test CA); the server is
+    reset and serves one RSA key, ``k1``."""
     url, files = tls_auth_server
     trust = ssl.create_default_context(cafile=str(files.ca))
     async with httpx.AsyncClient(base_url=url, verify=trust) as client:
         await client.post("/control/reset", json={})
+        await _serve(client, public_jwk(rsa_key(), "k1", "RS256"))
         yield client
 
 
@@ -237,7 +239,6 @@ async def test_https_jwks_is_fetched_over_verified_tls(
 ) -> None:
     """The built-in https fetch (no http_client=) verifies the chain and gets the keys."""
     url, files = tls_auth_server
-    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
     _trusting(files.ca, monkeypatch)
     auth = _auth(url)
     assert (await auth.verify(_token("k1"))).user_id
@@ -254,7 +255,6 @@ async def test_https_jwks_with_an_untrusted_certificate_is_a_503(
 ) -> None:
     """Certificates are verified: a server the trust store does not know gets no request."""
     url, _ = tls_auth_server
-    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
     auth = _auth(url)  # the machine's default trust store, which lacks the test CA
     with (
         caplog.at_level(logging.WARNING, logger="ctxvars_mw"),
@@ -276,7 +276,6 @@ async def test_https_jwks_for_another_host_name_is_a_503(
 ) -> None:
     """Names are checked: the certificate names localhost, the URL says 127.0.0.1."""
     url, files = tls_auth_server
-    await _serve(tls_control, public_jwk(rsa_key(), "k1", "RS256"))
     _trusting(files.ca, monkeypatch)
     auth = _auth(url.replace("https://localhost:", "https://127.0.0.1:"))
     with (

@@ -119,21 +119,20 @@ def _prepare(name: str, material: Any) -> Verifier:
         raise ConfigurationError(
             f"the key cannot verify {name} tokens ({type(exc).__name__})"
         ) from exc
-    if name in HMAC_ALGORITHMS:
+    hmac_key = name in HMAC_ALGORITHMS
+    if hmac_key:
         if not isinstance(prepared, bytes):
             raise ConfigurationError(f"the key for {name} must be a secret (str or bytes)")
-        problem = alg.check_key_length(prepared)
-        if problem:
-            raise ConfigurationError(f"the key is too weak for {name}: {problem}")
-        keyed = _KEYED_HMAC[name]
-        return keyed, hmac.new(prepared, digestmod=keyed.hash_alg)
-    if not isinstance(prepared, _PUBLIC_TYPES):
+    elif not isinstance(prepared, _PUBLIC_TYPES):
         raise ConfigurationError(
             f"the key for {name} must be a public key (pass private_key.public_key())"
         )
     problem = alg.check_key_length(prepared)
     if problem:
         raise ConfigurationError(f"the key is too weak for {name}: {problem}")
+    if hmac_key:
+        keyed = _KEYED_HMAC[name]
+        return keyed, hmac.new(prepared, digestmod=keyed.hash_alg)
     return alg, prepared
 
 
