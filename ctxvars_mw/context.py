@@ -576,6 +576,7 @@ def request_context(
     claims: Mapping[str, Any],
     auth_method: str | None,
     is_authenticated: bool,
+    created_at: datetime | None = None,
 ) -> UserExecutionContext:
     """The middleware's fast path: a root context from values it has already validated.
 
@@ -603,6 +604,6 @@ def request_context(
         None,
         0,
         None,
-        _now(_UTC),
+        _now(_UTC) if created_at is None else created_at,
         None,
     )

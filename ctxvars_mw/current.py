@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -25,24 +26,64 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_current: ContextVar[UserExecutionContext | None] = ContextVar("ctxvars_mw.context", default=None)
-_get = _current.get
+# The one ContextVar. It holds a UserExecutionContext, None, or, for a request that
+# ContextMiddleware handles, a *pending* context: a list ``[None, build, *args]``. The
+# middleware has already done everything that decides the request's fate (ids validated,
+# caller authenticated, session checked); what is left, the 22-field object itself, is built
+# by ``build(*args)`` the first time anything asks for it, and then stands in the list's first
+# slot for every later reader, in every task and thread of the request. A request whose code
+# never reads its context (health checks, static files, most proxies' traffic) never pays for
+# one. A plain list because the middleware makes one per request: a literal costs a tenth of
+# an instance of a class of our own.
+_Pending = list[Any]
+_current: ContextVar[UserExecutionContext | _Pending | None] = ContextVar(
+    "ctxvars_mw.context", default=None
+)
+_get_raw = _current.get
+# One lock for every first build: a build takes microseconds and happens once per request
+# at most, so there is nothing to contend for; it makes two threads that read a new
+# request's context at the same time get the same object (one set of generated ids).
+_build_lock = threading.Lock()
+
+
+def _materialize(pending: _Pending) -> UserExecutionContext:
+    """Build a pending context (once; concurrent readers wait for the first) and return it."""
+    with _build_lock:
+        ctx: UserExecutionContext | None = pending[0]
+        if ctx is None:
+            build, *args = pending[1:]
+            ctx = build(*args)
+            pending[0] = ctx
+            del pending[1:]  # the inputs are not needed any more
+    return ctx
+
+
+def resolved(value: UserExecutionContext | _Pending | None) -> UserExecutionContext | None:
+    """The context that ``value``, a value of the ContextVar, stands for."""
+    if type(value) is list:
+        return value[0] or _materialize(value)
+    return value  # type: ignore[return-value]
 
 
 def get_context() -> UserExecutionContext:
     """The current context; raises :class:`ContextNotSetError` outside a request."""
-    ctx = _get()
+    ctx = _get_raw()
+    if type(ctx) is list:
+        return ctx[0] or _materialize(ctx)
     if ctx is None:
         raise ContextNotSetError(
             "no UserExecutionContext is set: call this inside a request handled by "
             "ContextMiddleware, or inside a use_context() block"
         )
-    return ctx
+    return ctx  # type: ignore[return-value]
 
 
 def get_context_or_none() -> UserExecutionContext | None:
     """The current context, or None outside a request."""
-    return _get()
+    ctx = _get_raw()
+    if type(ctx) is list:
+        return ctx[0] or _materialize(ctx)
+    return ctx  # type: ignore[return-value]
 
 
 class use_context:  # noqa: N801 - used like a function, as contextlib's helpers are
@@ -54,7 +95,7 @@ class use_context:  # noqa: N801 - used like a function, as contextlib's helpers
         if not isinstance(ctx, UserExecutionContext):
             raise TypeError("use_context() takes a UserExecutionContext")
         self._ctx = ctx
-        self._tokens: list[Token[UserExecutionContext | None]] = []
+        self._tokens: list[Token[UserExecutionContext | _Pending | None]] = []
 
     def __enter__(self) -> UserExecutionContext:
         self._tokens.append(_current.set(self._ctx))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Iterable
+from datetime import UTC, datetime
+from hashlib import sha256 as _sha256
+from time import time as _time
 
 from ._memo import remember
 from .auth.base import Authenticator, Connection, Identity
 from .auth.jwt import JWTAuthenticator
 from .auth.sessions import SessionStore
 from .context import ANONYMOUS_USER_ID, UserExecutionContext, request_context
-from .current import _current
+from .current import _current, _materialize, _Pending, resolved
 from .errors import (
     AuthenticationError,
     AuthenticationRequiredError,
@@ -27,6 +30,7 @@ from .ids import (
     HEADER_ID_RE,
     IdRules,
     check_id_header_names,
+    generate_id,
     generate_ids,
     get_id_rules,
     is_valid_id,
@@ -55,6 +59,8 @@ _RESOLVED_MAX = 4096
 # The scope key under which a ContextMiddleware hands its context (for the ids) to one nested
 # inside it.
 _SCOPE_CTX = "ctxvars_mw.context"
+_UTC = UTC
+_from_timestamp = datetime.fromtimestamp
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
 
 
@@ -172,24 +178,25 @@ class ContextMiddleware:
                 elif name == b"sec-websocket-protocol":
                     protocols = value
 
-        outer: UserExecutionContext | None = scope.get(_SCOPE_CTX)
+        outer = scope.get(_SCOPE_CTX)
         if outer is None:
-            # One random draw gives the thread and run ids, and the request id when none came.
-            thread_id, run_id, generated_request_id = generate_ids()
+            # Thread and run ids are drawn, and the traceparent parsed, when the context is
+            # built; the request id is needed now, for the response headers.
             request_id = _accept_id(raw_rid, "request") if raw_rid is not None else None
             if request_id is None:
-                request_id = generated_request_id
+                request_id = generate_id()
             correlation_id = _accept_id(raw_cid, "correlation") if raw_cid is not None else None
             if correlation_id is None:
                 correlation_id = request_id
-            trace_id = None if raw_trace is None else _trace_id(raw_trace)
+            trace: bytes | str | None = raw_trace
+            thread_id = run_id = None
         else:
             # An outer ContextMiddleware handles this request already (a mounted sub-app with
             # its own middleware): one request, one set of ids, whatever each authenticates.
-            thread_id, run_id = outer.thread_id, outer.run_id
-            request_id, correlation_id = outer.request_id, outer.correlation_id
-            trace_id = outer.trace_id
-        ids = (thread_id, run_id)
+            outer_ctx = resolved(outer)
+            assert outer_ctx is not None
+            request_id, correlation_id = outer_ctx.request_id, outer_ctx.correlation_id
+            trace, thread_id, run_id = outer_ctx.trace_id, outer_ctx.thread_id, outer_ctx.run_id
         ws_id = request_id if scope_type == "websocket" else None
         rid_value = request_id.encode("ascii")
         id_headers = [
@@ -201,43 +208,37 @@ class ContextMiddleware:
         identity: Identity | None = None
         if auth_headers is not None:
             try:
-                token, subprotocol_token = self._find_token(scope, auth_headers, protocols)
                 jwt = self._jwt
-                if jwt is not None and token is not None:
-                    # JWTAuthenticator as is: a verified-token cache hit costs no Connection
-                    # and no coroutine; a miss is verified with the digest already computed.
-                    digest, identity = jwt._lookup(token)
-                    if identity is None:
-                        identity = await self._verify_jwt(jwt, token, digest)
-                else:
-                    identity = await self._authenticate(scope, token)
-                if identity is not None:
-                    ctx = await self._context_for(
-                        identity, ids, request_id, correlation_id, trace_id, ws_id
+                if (
+                    jwt is not None
+                    and len(auth_headers) == 1
+                    and scope_type == "http"
+                    and auth_headers[0][:7].lower() == b"bearer "
+                ):
+                    # The usual request: one Authorization header, a bearer token. A token
+                    # whose digest the verified-token cache holds passed every check when it
+                    # was verified (the same bytes), so a hit needs nothing more.
+                    identity = jwt._cache.get(_sha256(auth_headers[0][7:].strip(b" ")).digest())
+                if identity is None:
+                    identity, subprotocol_token = await self._identify(
+                        scope, auth_headers, protocols
                     )
+                if identity is not None:
+                    permissions, features = self._resolve(identity)
+                    if identity.session_id is not None and self.session_store is not None:
+                        await self._check_session(identity.session_id, identity.user_id)
+                    ctx: UserExecutionContext | _Pending = [
+                        None, _request_context, identity, permissions, features, request_id,
+                        correlation_id, trace, thread_id, run_id, ws_id, _time(),
+                    ]  # fmt: skip
             except _HTTPError as exc:
                 await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
                 return
         if identity is None:  # anonymous: FREE, no roles, the free tier's features
-            ctx = request_context(
-                ANONYMOUS_USER_ID,
-                thread_id,
-                run_id,
-                request_id,
-                correlation_id,
-                trace_id,
-                ws_id,
-                None,
-                Tier.FREE,
-                _NO_NAMES,
-                _NO_NAMES,
-                self._anonymous_features,
-                EMPTY,
-                None,
-                False,
-            )
+            ctx = [None, _request_context, None, _NO_NAMES, self._anonymous_features, request_id,
+                   correlation_id, trace, thread_id, run_id, ws_id, _time()]  # fmt: skip
         if self._trust_baggage:
-            ctx = apply_incoming(ctx, scope["headers"])
+            ctx = apply_incoming(_materialize(ctx), scope["headers"])  # type: ignore[arg-type]
 
         started = False
         # Plain functions handing back send's awaitable: no coroutine of our own per message
@@ -329,6 +330,22 @@ class ContextMiddleware:
             raise InvalidTokenError("The access token is malformed.")
         return found[0].decode("ascii"), from_subprotocol
 
+    async def _identify(
+        self, scope: Scope, auth_headers: list[bytes], protocols: bytes | None
+    ) -> tuple[Identity | None, bool]:
+        """Find the token and authenticate it: the caller's identity (None: no credentials)
+        and whether the token came through the websocket subprotocol."""
+        token, from_subprotocol = self._find_token(scope, auth_headers, protocols)
+        jwt = self._jwt
+        if jwt is not None and token is not None:
+            # JWTAuthenticator as is: no Connection and no call through authenticate(); a
+            # miss is verified with the digest already computed.
+            digest, identity = jwt._lookup(token)
+            if identity is None:
+                identity = await self._verify_jwt(jwt, token, digest)
+            return identity, from_subprotocol
+        return await self._authenticate(scope, token), from_subprotocol
+
     async def _authenticate(self, scope: Scope, token: str | None) -> Identity | None:
         assert self.authenticator is not None
         try:
@@ -355,38 +372,6 @@ class ContextMiddleware:
             raise
         except Exception as exc:
             raise _unverifiable(exc) from None
-
-    async def _context_for(
-        self,
-        identity: Identity,
-        ids: tuple[str, str],
-        request_id: str,
-        correlation_id: str,
-        trace_id: str | None,
-        ws_id: str | None,
-    ) -> UserExecutionContext:
-        """The context of an authenticated request (its session checked first, if any)."""
-        permissions, features = self._resolve(identity)
-        session_id = identity.session_id
-        if session_id is not None and self.session_store is not None:
-            await self._check_session(session_id, identity.user_id)
-        return request_context(
-            identity.user_id,
-            ids[0],
-            ids[1],
-            request_id,
-            correlation_id,
-            trace_id,
-            ws_id,
-            session_id,
-            identity.tier or Tier.FREE,
-            identity.roles,
-            permissions,
-            features,
-            identity.claims or EMPTY,
-            identity.auth_method,
-            True,
-        )
 
     def _resolve(self, identity: Identity) -> tuple[frozenset[str], frozenset[str]]:
         """Validate ``identity``'s ids and resolve its permissions and features, once.
@@ -457,6 +442,38 @@ def _accept_id(raw: bytes, kind: str) -> str | None:
             return value
     logger.debug("replaced an invalid incoming %s id header with a generated id", kind)
     return None
+
+
+def _request_context(
+    identity: Identity | None,
+    permissions: frozenset[str],
+    features: frozenset[str],
+    request_id: str,
+    correlation_id: str,
+    trace: bytes | str | None,
+    thread_id: str | None,
+    run_id: str | None,
+    ws_id: str | None,
+    created: float,
+) -> UserExecutionContext:
+    """Build a request's pending context (see ``ctxvars_mw.current``) from what the middleware
+    decided: the caller's identity (None: anonymous), resolved permissions and features, the
+    accepted ids, the raw ``traceparent`` (or an outer middleware's trace id), and the
+    request's start time. Thread and run ids not given are drawn here."""
+    if thread_id is None or run_id is None:
+        thread_id, run_id, _ = generate_ids()
+    trace_id = _trace_id(trace) if isinstance(trace, bytes) else trace
+    created_at = _from_timestamp(created, _UTC)
+    if identity is None:
+        return request_context(
+            ANONYMOUS_USER_ID, thread_id, run_id, request_id, correlation_id, trace_id, ws_id,
+            None, Tier.FREE, _NO_NAMES, _NO_NAMES, features, EMPTY, None, False, created_at,
+        )  # fmt: skip
+    return request_context(
+        identity.user_id, thread_id, run_id, request_id, correlation_id, trace_id, ws_id,
+        identity.session_id, identity.tier or Tier.FREE, identity.roles, permissions, features,
+        identity.claims or EMPTY, identity.auth_method, True, created_at,
+    )  # fmt: skip
 
 
 def _trace_id(raw: bytes) -> str | None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast
 
 from .context import UserExecutionContext
-from .current import _current
+from .current import get_context_or_none
 from .errors import ConfigurationError, PermissionDeniedError
 from .requirements import (
     Requirement,
@@ -55,7 +55,7 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
-_get = _current.get
+_get = get_context_or_none
 _READ_ANY: Final = "resources:read_any"
 #: authorize(): who may do each action, as named in the 403's ``required``.
 _OWNERSHIP: Final[dict[str, tuple[str, ...]]] = {

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .context import UserExecutionContext
-from .current import _current
+from .current import get_context_or_none
 from .errors import AuthenticationRequiredError, ConfigurationError, PermissionDeniedError
 from .policy import check_name, check_permission
 from .tier import Tier
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 audit_logger = logging.getLogger("ctxvars_mw.audit")
-_get = _current.get
+_get = get_context_or_none
 
 
 class Requirement:

@@ -630,3 +630,38 @@ def test_websocket_token_sent_two_ways_is_a_400() -> None:
             denied = _denied(client, url, headers=bearer(token), **extra)
             assert denied.status_code == 400
             assert denied.json()["error"] == "invalid_request"
+
+
+async def test_a_cached_token_is_accepted_only_for_its_exact_bytes() -> None:
+    """The cache hit path keys on the token's digest: any change to a cached token is
+    verified afresh (and fails); the scheme's case and extra spaces do not matter."""
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    app = make_app(authenticator=auth)
+    token = sign(claims())
+    head, payload, signature = token.split(".")
+    flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+    async with client_for(app) as client:
+        first = await client.get("/whoami", headers=bearer(token))
+        spaced = await client.get("/whoami", headers={"Authorization": f"bearer   {token}"})
+        bad_sig = await client.get("/whoami", headers=bearer(f"{head}.{payload}.{flipped}"))
+        bad_payload = await client.get("/whoami", headers=bearer(f"{head}.{payload}x.{signature}"))
+        other = await client.get("/whoami", headers=[("Authorization", f"Bearer {token}")] * 2)
+    assert [first.status_code, spaced.status_code] == [200, 200]
+    assert spaced.json()["user_id"] == USER
+    assert [bad_sig.status_code, bad_payload.status_code, other.status_code] == [401, 401, 400]
+
+
+async def test_a_cached_token_whose_session_is_revoked_is_refused() -> None:
+    """A verified-token cache hit still checks the token's session on every request."""
+    store = InMemorySessionStore()
+    session = await store.create(USER)
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    app = make_app(authenticator=auth, session_store=store)
+    token = sign(claims(sid=session.id))
+    async with client_for(app) as client:
+        first = await client.get("/whoami", headers=bearer(token))
+        await store.revoke(session.id)
+        after = await client.get("/whoami", headers=bearer(token))
+    assert first.status_code == 200
+    assert after.status_code == 401
+    assert "revoked" in after.json()["error_description"]

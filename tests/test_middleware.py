@@ -1139,3 +1139,104 @@ def test_options_are_keyword_only() -> None:
     """Options cannot be passed positionally."""
     with pytest.raises(TypeError):
         ContextMiddleware(echo_app, None)  # type: ignore[misc]
+
+
+# -- the context is built on first use ------------------------------------------------------
+
+
+async def test_a_request_that_never_reads_its_context_builds_none() -> None:
+    """The middleware defers building the context object until something reads it."""
+    from ctxvars_mw.testing import context_registry
+
+    counts: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(0)
+        counts.append(context_registry.active_count())
+        ctx = get_context()
+        counts.append(context_registry.active_count())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": ctx.request_id.encode()})
+
+    context_registry.enable()
+    context_registry.clear()
+    try:
+        result = await request(ContextMiddleware(app), headers=[hdr("X-Request-ID", VALID_RID)])
+    finally:
+        context_registry.disable()
+    assert counts == [0, 1]
+    assert result.body == VALID_RID.encode()
+    assert result.header("x-request-id") == VALID_RID
+
+
+async def test_every_reader_of_a_request_gets_the_same_context_object() -> None:
+    """Threads racing to read a new request's context, tasks and the endpoint all get one
+    object: one set of generated thread and run ids, however the first read happens."""
+    from ctxvars_mw import bind, run_in_thread
+
+    seen: list[UserExecutionContext] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        barrier = threading.Barrier(8)
+
+        def read() -> UserExecutionContext:
+            barrier.wait(timeout=5)
+            return get_context()
+
+        threads = [threading.Thread(target=bind(lambda: seen.append(read()))) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        await asyncio.sleep(0.01)
+        for thread in threads:
+            thread.join(timeout=5)
+
+        async def in_task() -> UserExecutionContext:
+            await asyncio.sleep(0)
+            return get_context()
+
+        seen.append(await asyncio.create_task(in_task()))
+        seen.append(await run_in_thread(get_context))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await request(ContextMiddleware(app))
+    assert len(seen) == 10
+    assert all(ctx is seen[0] for ctx in seen)
+    assert seen[0].user_id == "anonymous"
+
+
+async def test_created_at_is_when_the_request_started_not_when_first_read() -> None:
+    """The context is dated by the request, however late the endpoint first reads it."""
+    from datetime import UTC, datetime, timedelta
+
+    stamps: list[datetime] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        stamps.append(datetime.now(UTC))
+        await asyncio.sleep(0.05)
+        stamps.append(get_context().created_at)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await request(ContextMiddleware(app))
+    entered, created_at = stamps
+    assert created_at.tzinfo is not None
+    assert created_at <= entered
+    assert entered - created_at < timedelta(seconds=1)
+
+
+async def test_use_context_inside_a_request_shadows_the_request_context_and_restores_it() -> None:
+    """A context made current inside a request wins until its block ends."""
+    other = UserExecutionContext(user_id="user_2hNqYf3kT9xWzL")
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        with use_context(other):
+            await asyncio.sleep(0)
+            seen.append(get_context().user_id)
+        seen.append(get_context().request_id)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await request(ContextMiddleware(app), headers=[hdr("X-Request-ID", VALID_RID)])
+    assert seen == ["user_2hNqYf3kT9xWzL", VALID_RID]

@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from .. import propagation
-from ..current import _current
+from ..current import _current, get_context_or_none
 from ..types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["SpanTraceMiddleware", "current_span_ids", "install", "uninstall"]
@@ -76,7 +76,7 @@ class SpanTraceMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = _current.get()
+        ctx = get_context_or_none()
         trace_id = current_trace_id() if ctx is not None else None
         if ctx is None or trace_id is None or ctx.trace_id == trace_id:
             await self.app(scope, receive, send)
