@@ -24,8 +24,7 @@ LAYERS = (
     "set + reset one ContextVar (the floor)",
     "+ scan the request headers",
     "+ accept the request and correlation ids",
-    "+ parse traceparent",
-    "+ build the UserExecutionContext",
+    "+ the pending context (built on first read)",
     "+ wrap send to add the id headers",
     "+ cleanup stack, error handling",
 )
@@ -41,39 +40,22 @@ def available() -> str | None:
     return None
 
 
-def _anonymous_builder() -> Any:
-    """Builds the anonymous context as the middleware does (its fast constructor, FREE)."""
-    from ctxvars_mw import Policy, Tier
-    from ctxvars_mw.context import ANONYMOUS_USER_ID, request_context
-    from ctxvars_mw.frozen import EMPTY
-
-    features = Policy.default().features_for_tier(Tier.FREE)
-    none: frozenset[str] = frozenset()
-
-    def build(ids: tuple[str, str], rid: str, cid: str, trace: str | None, ws: str | None) -> Any:
-        return request_context(
-            ANONYMOUS_USER_ID, ids[0], ids[1], rid, cid, trace, ws, None, Tier.FREE, none, none,
-            features, EMPTY, None, False,
-        )  # fmt: skip
-
-    return build
-
-
 def _helpers() -> dict[str, Any]:
+    from ctxvars_mw import Policy, Tier, resources
     from ctxvars_mw import middleware as mw
-    from ctxvars_mw import resources
     from ctxvars_mw.current import _current
-    from ctxvars_mw.ids import generate_ids
+    from ctxvars_mw.ids import get_id_rules
 
     return {
         "accept": mw._accept_id,
-        "trace": mw._trace_id,
+        "rules": get_id_rules,
+        "match": mw._header_id_match,
+        "build": mw._request_context,
+        "features": Policy.default().features_for_tier(Tier.FREE),
         "with_ids": mw._with_ids,
-        "generate_ids": generate_ids,
-        "anonymous": _anonymous_builder(),
         "var": _current,
-        "open_stack": resources.open_stack,
-        "close_stack": resources.close_stack,
+        "stack": resources._stack,
+        "closed": resources._closed,
         "cleanups": resources.run_cleanups,
     }
 
@@ -84,7 +66,7 @@ class Layer:
     def __init__(self, app: ASGIApp, level: int) -> None:
         self.app, self.level, self.h = app, level, _helpers()
 
-    def _ids(self, scope: Scope) -> tuple[str, str, str | None]:
+    def _ids(self, scope: Scope) -> tuple[str, str, bytes | None]:
         raw_rid = raw_cid = raw_trace = None
         if self.level >= 1:
             for name, value in scope["headers"]:
@@ -96,16 +78,21 @@ class Layer:
                     raw_trace = value if raw_trace is None else b""
         rid = cid = "0123456789abcdef01234567"
         if self.level >= 2:
-            rid = (self.h["accept"](raw_rid, "request") if raw_rid is not None else None) or rid
-            cid = (self.h["accept"](raw_cid, "correlation") if raw_cid is not None else None) or rid
-        trace = None
-        if self.level >= 3 and raw_trace is not None:
-            trace = self.h["trace"](raw_trace)
-        return rid, cid, trace
+            rules = self.h["rules"]()
+            rid = self._accept(raw_rid, rules, "request") or rid
+            cid = self._accept(raw_cid, rules, "correlation") or rid
+        return rid, cid, raw_trace
 
-    def _context(self, rid: str, cid: str, trace: str | None) -> Any:
-        thread_id, run_id, _ = self.h["generate_ids"]()  # as the middleware draws them
-        return self.h["anonymous"]((thread_id, run_id), rid, cid, trace, None)
+    def _accept(self, raw: bytes | None, rules: Any, kind: str) -> str | None:
+        if raw is None:
+            return None
+        if len(raw) >= rules._safe_length and self.h["match"](raw) is not None:
+            return raw.decode("ascii")
+        return self.h["accept"](raw, kind, rules)  # type: ignore[no-any-return]
+
+    def _pending(self, rid: str, cid: str, trace: bytes | None) -> Any:
+        return [None, self.h["build"], None, frozenset(), self.h["features"], rid, cid, trace,
+                None, None, None, 0.0]  # fmt: skip
 
     def _send(self, send: Send, rid: str, cid: str) -> Send:
         rid_value = rid.encode("ascii")
@@ -113,28 +100,29 @@ class Layer:
         with_ids = self.h["with_ids"]
         started = False
 
-        async def send_with_ids(message: Message) -> None:
+        def send_with_ids(message: Message) -> Any:
             nonlocal started
             if not started and message["type"] == "http.response.start":
                 started = True
                 message["headers"] = with_ids(message.get("headers", ()), id_headers)
-            await send(message)
+            return send(message)
 
         return send_with_ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid, cid, trace = self._ids(scope)
-        ctx = self._context(rid, cid, trace) if self.level >= 4 else None
-        inner = self._send(send, rid, cid) if self.level >= 5 else send
+        ctx = self._pending(rid, cid, trace) if self.level >= 3 else None
+        inner = self._send(send, rid, cid) if self.level >= 4 else send
         var = self.h["var"]
-        if self.level < 6:
+        if self.level < 5:
             token = var.set(ctx)
             try:
                 await self.app(scope, receive, inner)
             finally:
                 var.reset(token)
             return
-        stack, stack_token = self.h["open_stack"]()
+        stack: list[Any] = []
+        stack_token = self.h["stack"].set(stack)
         token = var.set(ctx)
         try:
             await self.app(scope, receive, inner)
@@ -144,7 +132,8 @@ class Layer:
                     await self.h["cleanups"](stack)
             finally:
                 var.reset(token)
-                self.h["close_stack"](stack, stack_token)
+                stack.append(self.h["closed"])
+                self.h["stack"].reset(stack_token)
 
 
 async def _main(n: int, repeats: int) -> dict[str, Any]:

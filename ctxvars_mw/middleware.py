@@ -37,7 +37,7 @@ from .ids import (
     parse_traceparent,
 )
 from .policy import Policy
-from .resources import close_stack, open_stack, run_cleanups
+from .resources import Cleanup, _closed, _stack, run_cleanups
 from .responses import send_error
 from .tier import Tier
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -182,10 +182,24 @@ class ContextMiddleware:
         if outer is None:
             # Thread and run ids are drawn, and the traceparent parsed, when the context is
             # built; the request id is needed now, for the response headers.
-            request_id = _accept_id(raw_rid, "request") if raw_rid is not None else None
+            request_id = correlation_id = None
+            if raw_rid is not None or raw_cid is not None:
+                rules = get_id_rules()
+                # Real ids are longer than any placeholder: only the header pattern is
+                # checked for them (the rules' short-id check needs the decoded value).
+                safe = rules._safe_length
+                if raw_rid is not None:
+                    if len(raw_rid) >= safe and _header_id_match(raw_rid) is not None:
+                        request_id = raw_rid.decode("ascii")
+                    else:
+                        request_id = _accept_id(raw_rid, "request", rules)
+                if raw_cid is not None:
+                    if len(raw_cid) >= safe and _header_id_match(raw_cid) is not None:
+                        correlation_id = raw_cid.decode("ascii")
+                    else:
+                        correlation_id = _accept_id(raw_cid, "correlation", rules)
             if request_id is None:
                 request_id = generate_id()
-            correlation_id = _accept_id(raw_cid, "correlation") if raw_cid is not None else None
             if correlation_id is None:
                 correlation_id = request_id
             trace: bytes | str | None = raw_trace
@@ -271,7 +285,9 @@ class ContextMiddleware:
 
         if outer is None:
             scope[_SCOPE_CTX] = ctx  # for a ContextMiddleware nested inside this one
-        stack, stack_token = open_stack()
+        # resources.open_stack()/close_stack(), inlined: the request's cleanups.
+        stack: list[Cleanup] = []
+        stack_token = _stack.set(stack)
         ctx_token = _current.set(ctx)
         try:
             await self.app(scope, receive, send_with_ids)
@@ -292,7 +308,8 @@ class ContextMiddleware:
                     await run_cleanups(stack)
             finally:
                 _current.reset(ctx_token)
-                close_stack(stack, stack_token)
+                stack.append(_closed)
+                _stack.reset(stack_token)
 
     # -- authentication ---------------------------------------------------------------------
 
@@ -429,16 +446,14 @@ def _unverifiable(exc: Exception) -> InvalidTokenError:
     return InvalidTokenError("The credentials could not be verified.")
 
 
-def _accept_id(raw: bytes, kind: str) -> str | None:
+def _accept_id(raw: bytes, kind: str, rules: IdRules) -> str | None:
     """The incoming id if it is well-formed and not a placeholder; never logs the value."""
     # The header pattern already rules out whitespace, control characters and overlong
     # values, so of is_valid_id's checks only the placeholder rules are left (and one-off
     # request ids stay out of its memo, which they would only churn).
     if raw and _header_id_match(raw) is not None:
         value = raw.decode("ascii")
-        rules = get_id_rules()
-        # Real ids are longer than any placeholder: no call to is_placeholder() for them.
-        if len(value) >= rules._safe_length or not rules.is_placeholder(value):
+        if not rules.is_placeholder(value):
             return value
     logger.debug("replaced an invalid incoming %s id header with a generated id", kind)
     return None

@@ -28,16 +28,14 @@ Cleanup = Callable[[], "Awaitable[Any] | Any"]
 logger = logging.getLogger("ctxvars_mw.resources")
 
 
-class _Stack(list[Cleanup]):
-    """A request's cleanups; ``closed`` once the request is over (late attaches are refused).
-
-    No ``__init__`` of its own: one is made per request, and list's C constructor is cheap.
-    """
-
-    closed = False
+def _closed() -> None:
+    """The marker a request's cleanup list ends with once the request is over."""
 
 
-_stack: ContextVar[_Stack | None] = ContextVar("ctxvars_mw.resources", default=None)
+# A request's cleanups: a plain list (one is made per request, and a literal is the cheapest
+# object there is), ended by ``_closed`` once the request is over, so that a task that
+# outlived it is refused rather than registering a cleanup that would never run.
+_stack: ContextVar[list[Cleanup] | None] = ContextVar("ctxvars_mw.resources", default=None)
 
 
 def _default_cleanup(resource: Any) -> Cleanup:
@@ -61,7 +59,7 @@ def attach_resource(resource: T, cleanup: Cleanup | None = None) -> T:
         raise ContextNotSetError(
             "attach_resource() needs a request (ContextMiddleware) or a resource_scope() block"
         )
-    if stack.closed:
+    if stack and stack[-1] is _closed:
         # A task that outlived its request: its cleanups already ran, this one never would.
         raise ContextNotSetError("attach_resource(): this request is over; its cleanups ran")
     if cleanup is not None and not callable(cleanup):
@@ -89,20 +87,20 @@ async def run_cleanups(stack: list[Cleanup]) -> None:
         raise cancelled
 
 
-def open_stack() -> tuple[_Stack, Token[_Stack | None]]:
+def open_stack() -> tuple[list[Cleanup], Token[list[Cleanup] | None]]:
     """Start a cleanup stack (a request's, or a :func:`resource_scope`'s); returns it and
     the token to close it with."""
-    stack = _Stack()
+    stack: list[Cleanup] = []
     return stack, _stack.set(stack)
 
 
-def close_stack(stack: _Stack, token: Token[_Stack | None]) -> None:
+def close_stack(stack: list[Cleanup], token: Token[list[Cleanup] | None]) -> None:
     """Close and forget ``stack`` (its cleanups must have run).
 
     Tasks that copied the context still see the stack, closed: attaching to it raises
     instead of registering a cleanup that would never run.
     """
-    stack.closed = True
+    stack.append(_closed)
     _stack.reset(token)
 
 

@@ -736,9 +736,15 @@ def test_traceparent_fast_path_agrees_with_parse_traceparent(raw: bytes) -> None
     | st.text(alphabet="aZ09._:- tesTMOCK_", max_size=140).map(str.encode)
 )
 def test_header_id_check_agrees_with_is_valid_id(raw: bytes) -> None:
-    """An id header is accepted iff it matches the header pattern and is a valid id."""
+    """An id header is accepted iff it matches the header pattern and is a valid id
+    (through the middleware: its inline path for long ids and ``_accept_id`` agree)."""
     expected = HEADER_ID_RE.fullmatch(raw) is not None and is_valid_id(raw.decode("ascii"))
-    assert (middleware_module._accept_id(raw, "request") is not None) is expected
+    headers = [(b"x-request-id", raw), (b"x-correlation-id", raw)]
+    result = asyncio.run(request(ContextMiddleware(echo_app), headers=headers))
+    body = result.json()
+    assert (body["request_id"].encode() == raw) is expected
+    assert (body["correlation_id"].encode() == raw) is expected
+    assert result.header("x-request-id") == body["request_id"]
 
 
 async def test_repeated_traceparent_is_ignored() -> None:
