@@ -39,9 +39,21 @@ async def whoami(request: Request) -> Response:
     return PlainTextResponse("-" if ctx is None else f"{ctx.user_id} {ctx.tier.value}")
 
 
+async def hello_reads(request: Request) -> Response:
+    """``hello`` that also reads the current context (which builds it, with ctxvars_mw)."""
+    ctx = get_context_or_none()
+    return PlainTextResponse("ok" if ctx is None or ctx.user_id else "")
+
+
 def bare_app() -> Starlette:
     """The plain Starlette app every variant wraps."""
     return Starlette(routes=[Route("/", hello), Route("/whoami", whoami)])
+
+
+def reading_app() -> Starlette:
+    """The same app whose ``/`` endpoint reads the context: ctxvars_mw builds its context
+    object on first use, so this is what a request that uses it costs."""
+    return Starlette(routes=[Route("/", hello_reads), Route("/whoami", whoami)])
 
 
 class FloorMiddleware:
@@ -92,10 +104,12 @@ class Variant:
     fresh_tokens: bool = False
 
 
-def _ctxvars_jwt(alg: str, cache_size: int | None) -> Callable[[], Any]:
+def _ctxvars_jwt(
+    alg: str, cache_size: int | None, app: Callable[[], Any] = bare_app
+) -> Callable[[], Any]:
     def build() -> Any:
         auth = tokens.jwt_authenticator(alg, cache_size=cache_size)
-        return ContextMiddleware(bare_app(), authenticator=auth)
+        return ContextMiddleware(app(), authenticator=auth)
 
     return build
 
@@ -112,6 +126,11 @@ def variants(uncached: str) -> list[Variant]:
         Variant("bare", "bare Starlette", bare_app),
         Variant("floor", "floor: pure ASGI, one ContextVar", lambda: FloorMiddleware(bare_app())),
         Variant("ctxvars", "ctxvars_mw anonymous", lambda: ContextMiddleware(bare_app())),
+        Variant(
+            "ctxvars_read",
+            "ctxvars_mw anonymous, endpoint reads the context",
+            lambda: ContextMiddleware(reading_app()),
+        ),
         Variant("correlation", "asgi-correlation-id", lambda: CorrelationIdMiddleware(bare_app())),
         Variant("starlette_context", "starlette-context (2 plugins)", _starlette_context),
     ]
@@ -127,6 +146,8 @@ def variants(uncached: str) -> list[Variant]:
     zero = None if fresh else 0
     out += [
         Variant("jwt_cached", "ctxvars_mw JWT HS256, cached", _ctxvars_jwt("HS256", None)),
+        Variant("jwt_cached_read", "ctxvars_mw JWT HS256, cached, endpoint reads the context",
+                _ctxvars_jwt("HS256", None, reading_app)),
         Variant("jwt_hs256", "ctxvars_mw JWT HS256, uncached", _ctxvars_jwt("HS256", zero),
                 "HS256", fresh),
         Variant("jwt_rs256", "ctxvars_mw JWT RS256, uncached", _ctxvars_jwt("RS256", zero),

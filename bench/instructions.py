@@ -28,9 +28,11 @@ VARIANTS = (
     "bare",
     "floor",
     "ctxvars",
+    "ctxvars_read",
     "correlation",
     "starlette_context",
     "jwt_cached",
+    "jwt_cached_read",
     "pyjwt_hs256",
     "jwt_hs256",
 )
