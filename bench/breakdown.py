@@ -91,8 +91,8 @@ class Layer:
         return self.h["accept"](raw, kind, rules)  # type: ignore[no-any-return]
 
     def _pending(self, rid: str, cid: str, trace: bytes | None) -> Any:
-        return [None, self.h["build"], None, frozenset(), self.h["features"], rid, cid, trace,
-                None, None, None, 0.0]  # fmt: skip
+        return [None, self.h["build"], (None, frozenset(), self.h["features"], rid, cid, trace,
+                None, None, None, 0.0)]  # fmt: skip
 
     def _send(self, send: Send, rid: str, cid: str) -> Send:
         rid_value = rid.encode("ascii")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import threading
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -27,7 +26,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # The one ContextVar. It holds a UserExecutionContext, None, or, for a request that
-# ContextMiddleware handles, a *pending* context: a list ``[None, build, *args]``. The
+# ContextMiddleware handles, a *pending* context: a list ``[None, build, args]``. The
 # middleware has already done everything that decides the request's fate (ids validated,
 # caller authenticated, session checked); what is left, the 22-field object itself, is built
 # by ``build(*args)`` the first time anything asks for it, and then stands in the list's first
@@ -40,21 +39,20 @@ _current: ContextVar[UserExecutionContext | _Pending | None] = ContextVar(
     "ctxvars_mw.context", default=None
 )
 _get_raw = _current.get
-# One lock for every first build: a build takes microseconds and happens once per request
-# at most, so there is nothing to contend for; it makes two threads that read a new
-# request's context at the same time get the same object (one set of generated ids).
-_build_lock = threading.Lock()
+_FIRST_BUILT = 3  # the index of the first context appended to a pending list
 
 
 def _materialize(pending: _Pending) -> UserExecutionContext:
-    """Build a pending context (once; concurrent readers wait for the first) and return it."""
-    with _build_lock:
-        ctx: UserExecutionContext | None = pending[0]
-        if ctx is None:
-            build, *args = pending[1:]
-            ctx = build(*args)
-            pending[0] = ctx
-            del pending[1:]  # the inputs are not needed any more
+    """Build a pending context and return the one every reader of it gets.
+
+    Threads that read a new request's context at the same moment may each build one; each
+    appends its own (``list.append`` is atomic), and all of them return the first appended,
+    so the request has one context object, one set of generated ids. No lock: a lock's
+    ``with`` costs more than the rest of this function.
+    """
+    pending.append(pending[1](*pending[2]))
+    ctx: UserExecutionContext = pending[_FIRST_BUILT]
+    pending[0] = ctx
     return ctx
 
 

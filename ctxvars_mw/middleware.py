@@ -241,16 +241,18 @@ class ContextMiddleware:
                     permissions, features = self._resolve(identity)
                     if identity.session_id is not None and self.session_store is not None:
                         await self._check_session(identity.session_id, identity.user_id)
-                    ctx: UserExecutionContext | _Pending = [
-                        None, _request_context, identity, permissions, features, request_id,
-                        correlation_id, trace, thread_id, run_id, ws_id, _time(),
-                    ]  # fmt: skip
+                    ctx: UserExecutionContext | _Pending = [None, _request_context, (
+                        identity, permissions, features, request_id, correlation_id, trace,
+                        thread_id, run_id, ws_id, _time(),
+                    )]  # fmt: skip
             except _HTTPError as exc:
                 await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
                 return
         if identity is None:  # anonymous: FREE, no roles, the free tier's features
-            ctx = [None, _request_context, None, _NO_NAMES, self._anonymous_features, request_id,
-                   correlation_id, trace, thread_id, run_id, ws_id, _time()]  # fmt: skip
+            ctx = [None, _request_context, (
+                None, _NO_NAMES, self._anonymous_features, request_id, correlation_id, trace,
+                thread_id, run_id, ws_id, _time(),
+            )]  # fmt: skip
         if self._trust_baggage:
             ctx = apply_incoming(_materialize(ctx), scope["headers"])  # type: ignore[arg-type]
 
