@@ -143,6 +143,15 @@ class ContextMiddleware:
         # never read (the response headers still use self._rid / self._cid).
         self._rid_in = self._rid if trust_incoming_ids else b""
         self._cid_in = self._cid if trust_incoming_ids else b""
+        self._id_names = frozenset({self._rid, self._cid})
+        self._wanted = frozenset(
+            {self._rid_in, self._cid_in, b"traceparent"}
+            | (
+                {b"authorization", b"sec-websocket-protocol"}
+                if authenticator is not None
+                else set()
+            )
+        )
         self._anonymous_features = self.policy.features_for_tier(Tier.FREE)
         # The JWT fast path applies to JWTAuthenticator's own authenticate() only: a subclass
         # that overrides it is called like any other authenticator.
@@ -165,7 +174,10 @@ class ContextMiddleware:
         raw_rid = raw_cid = raw_trace = None
         auth_headers: list[bytes] | None = [] if self.authenticator is not None else None
         protocols: bytes | None = None
+        wanted = self._wanted  # one set lookup rules out the headers we do not read
         for name, value in scope["headers"]:
+            if name not in wanted:
+                continue
             if name == rid_in:
                 raw_rid = value if raw_rid is None else b""
             elif name == cid_in:
@@ -257,6 +269,7 @@ class ContextMiddleware:
             ctx = apply_incoming(_materialize(ctx), scope["headers"])  # type: ignore[arg-type]
 
         started = False
+        id_names = self._id_names
         # Plain functions handing back send's awaitable: no coroutine of our own per message
         # (ASGI only asks that send(message) be awaitable).
         if scope_type == "http":
@@ -265,7 +278,13 @@ class ContextMiddleware:
                 nonlocal started
                 if not started and message["type"] == "http.response.start":
                     started = True
-                    message["headers"] = _with_ids(message.get("headers", ()), id_headers)
+                    headers = list(message.get("headers", ()))
+                    for name, _ in headers:  # _with_ids(), inlined for the usual case
+                        if name in id_names or not name.islower():
+                            headers = _without_ids(headers, id_names)
+                            break
+                    headers += id_headers
+                    message["headers"] = headers
                 return send(message)
 
         else:
@@ -514,14 +533,21 @@ def _with_ids(
     ASGI asks for lowercase response header names; an app that sends another case is still
     caught, at the price of a ``lower()`` for its non-lowercase names only.
     """
-    rid, cid = id_headers[0][0], id_headers[1][0]
+    names = frozenset({id_headers[0][0], id_headers[1][0]})
     out = list(headers)
     for name, _ in out:
-        if name in (rid, cid) or (not name.islower() and name.lower() in (rid, cid)):
-            out = [(k, v) for k, v in out if k.lower() != rid and k.lower() != cid]
+        if name in names or not name.islower():
+            out = _without_ids(out, names)
             break
     out += id_headers
     return out
+
+
+def _without_ids(
+    headers: list[tuple[bytes, bytes]], names: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` without any of ``names`` (lowercase), in whatever case the app sent them."""
+    return [(k, v) for k, v in headers if k.lower() not in names]
 
 
 async def _reject(

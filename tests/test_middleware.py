@@ -543,6 +543,21 @@ async def test_ids_are_set_not_appended() -> None:
     assert result.values("X-Other") == ["kept"]
 
 
+async def test_app_headers_in_another_case_are_kept_unless_they_are_ours() -> None:
+    """A non-lowercase header name sends the response through the case-insensitive filter,
+    which drops only our two names."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"X-Other", b"kept"), (b"content-type", b"text/plain")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    result = await request(ContextMiddleware(app), headers=[hdr("x-request-id", VALID_RID)])
+    assert result.headers[:2] == [(b"X-Other", b"kept"), (b"content-type", b"text/plain")]
+    assert result.values("X-Request-ID") == [VALID_RID]
+    assert len(result.headers) == 4
+
+
 async def test_starlette_app_setting_its_own_request_id_gets_it_replaced() -> None:
     """A Starlette response carrying X-Request-ID ends up with exactly ours."""
 
