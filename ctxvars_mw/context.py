@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from . import ids as _ids
 from ._memo import remember
 from .errors import InvalidContextError, MaxDepthExceededError, PermissionEscalationError
 from .frozen import EMPTY, FrozenMap, freeze_mapping, thaw
@@ -33,9 +34,13 @@ RESERVED_METADATA_KEYS = frozenset(
 )
 ANONYMOUS_USER_ID = "anonymous"
 _EMPTY_SET: frozenset[str] = frozenset()
+_FREE = Tier.FREE
 _UTC = UTC
 _now = datetime.now
-_set = object.__setattr__
+_new = object.__new__
+# What get_id_rules() and is_valid_id() read, for the inline fast paths of __new__.
+_rules_get = _ids._rules_var.get
+_validated_get = _ids._validated.get
 
 #: Set by ctxvars_mw.testing.ContextRegistry while tracking is enabled; None costs nothing.
 _track: Callable[[UserExecutionContext], None] | None = None
@@ -46,6 +51,8 @@ def _bad(message: str) -> NoReturn:
 
 
 def _check_id(name: str, value: object, rules: IdRules) -> str:
+    if type(value) is str and _validated_get(value) is rules:  # validated before: one lookup
+        return value
     if isinstance(value, str) and is_valid_id(value, rules):
         return value
     if not isinstance(value, str):
@@ -80,7 +87,22 @@ def _check_names(name: str, value: object) -> frozenset[str]:
 # object (``is``), so the check costs one lookup for the frozensets a Policy hands out
 # again and again. Bounded; cleared when full.
 _checked_names: dict[frozenset[str], frozenset[str]] = {}
+_checked_names_get = _checked_names.get
 _CHECKED_NAMES_MAX = 1024
+
+
+def _given_ids(
+    thread_id: object, run_id: object, request_id: object, rules: IdRules
+) -> tuple[str, str, str]:
+    """Thread, run and request id when at least one is given: checked, the rest generated."""
+    gen = ("", "", "")
+    if thread_id is None or run_id is None or request_id is None:
+        gen = generate_ids()
+    return (
+        gen[0] if thread_id is None else _check_id("thread_id", thread_id, rules),
+        gen[1] if run_id is None else _check_id("run_id", run_id, rules),
+        gen[2] if request_id is None else _check_id("request_id", request_id, rules),
+    )
 
 
 def _check_metadata(name: str, value: object, *, reserved: bool = True) -> FrozenMap:
@@ -129,14 +151,20 @@ def _check_created_at(value: object) -> datetime:
 def _check_trace_id(value: object) -> str | None:
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or len(value) != 32
-        or value == "0" * 32
-        or value.strip("0123456789abcdef")
-    ):
-        _bad("trace_id must be 32 lowercase hex characters, not all zero")
-    return value
+    if isinstance(value, str) and len(value) == 32 and value != _ZERO_TRACE:
+        # fromhex() refuses anything but hex digits and whitespace; hex() gives back 32
+        # lowercase digits, equal to ``value`` only when that is what it was. Half the cost
+        # of value.strip("0123456789abcdef").
+        try:
+            if _fromhex(value).hex() == value:
+                return value
+        except ValueError:
+            pass
+    _bad("trace_id must be 32 lowercase hex characters, not all zero")
+
+
+_ZERO_TRACE = "0" * 32
+_fromhex = bytes.fromhex
 
 
 def _check_optional_text(name: str, value: object) -> str | None:
@@ -185,8 +213,12 @@ class UserExecutionContext(_ContextBase):
     created_at: datetime = field(default_factory=lambda: _now(_UTC))
     db_session: Any = field(default=None, compare=False, hash=False, repr=False)
 
-    def __init__(
-        self,
+    # Built in __new__, not __init__: __init__ would be handed an instance of this frozen
+    # class and have to switch it to _Filler and back, and each ``__class__`` assignment
+    # costs ~500 instructions (CPython compares the two classes' slots). __new__ fills a new
+    # _Filler and switches it once.
+    def __new__(
+        cls,
         *,
         user_id: str,
         thread_id: str | None = None,
@@ -210,46 +242,70 @@ class UserExecutionContext(_ContextBase):
         parent_request_id: str | None = None,
         created_at: datetime | None = None,
         db_session: Any = None,
-    ) -> None:
-        rules = get_id_rules()
+    ) -> UserExecutionContext:
+        # The common values are accepted inline (an ``is``, a type check or a memo lookup):
+        # a Python call per field would be a large share of the constructor's cost. Anything
+        # else, and every refusal, goes through the full check of the field.
+        rules = _rules_get()  # get_id_rules(), inline
+        if rules is None:
+            rules = _ids._global_rules
         if not isinstance(is_authenticated, bool):
             _bad("is_authenticated must be a bool")
-        if user_id != ANONYMOUS_USER_ID or is_authenticated:
+        if (is_authenticated or user_id != ANONYMOUS_USER_ID) and (
+            type(user_id) is not str or _validated_get(user_id) is not rules
+        ):
             _check_id("user_id", user_id, rules)
-        gen = ("", "", "")
-        if thread_id is None or run_id is None or request_id is None:
-            gen = generate_ids()
-        thread_id = gen[0] if thread_id is None else _check_id("thread_id", thread_id, rules)
-        run_id = gen[1] if run_id is None else _check_id("run_id", run_id, rules)
-        request_id = gen[2] if request_id is None else _check_id("request_id", request_id, rules)
-        if tier is not Tier.FREE:
+        if thread_id is None and run_id is None and request_id is None:
+            thread_id, run_id, request_id = generate_ids()
+        else:
+            thread_id, run_id, request_id = _given_ids(thread_id, run_id, request_id, rules)
+        if type(tier) is not Tier:
             tier = _check_tier(tier)
-        if roles is not _EMPTY_SET:
+        # Name sets: the shared empty set, or a frozenset that passed before (_check_names).
+        if roles is not _EMPTY_SET and (
+            type(roles) is not frozenset or _checked_names_get(roles) is not roles
+        ):
             roles = _check_names("roles", roles)
-        if permissions is not _EMPTY_SET:
+        if permissions is not _EMPTY_SET and (
+            type(permissions) is not frozenset or _checked_names_get(permissions) is not permissions
+        ):
             permissions = _check_names("permissions", permissions)
-        if features is not _EMPTY_SET:
+        if features is not _EMPTY_SET and (
+            type(features) is not frozenset or _checked_names_get(features) is not features
+        ):
             features = _check_names("features", features)
         # The middleware gives anonymous requests the free tier's features; those are kept.
-        if user_id == ANONYMOUS_USER_ID and (tier is not Tier.FREE or roles or permissions):
+        if user_id == ANONYMOUS_USER_ID and (tier is not _FREE or roles or permissions):
             _bad("the anonymous context has tier FREE and no roles or permissions")
-        _set(self, "__class__", _Filler)
-        _Filler.__init__(
-            self,  # type: ignore[arg-type]
+        # The remaining checks run in field order, as they always have (so that, of two bad
+        # values, the same one is reported).
+        if correlation_id is None:
+            correlation_id = request_id
+        else:
+            correlation_id = _check_id("correlation_id", correlation_id, rules)
+        if session_id is not None and (
+            type(session_id) is not str or _validated_get(session_id) is not rules
+        ):
+            _check_id("session_id", session_id, rules)
+        claims = EMPTY if claims is None else _check_metadata("claims", claims, reserved=False)
+        if auth_method is not None and not (
+            type(auth_method) is str and auth_method.isprintable() and auth_method.strip()
+        ):
+            _check_optional_text("auth_method", auth_method)
+        return _fill(
+            _new(_Filler),
             user_id,
             thread_id,
             run_id,
             request_id,
-            request_id
-            if correlation_id is None
-            else _check_id("correlation_id", correlation_id, rules),
-            None if session_id is None else _check_id("session_id", session_id, rules),
+            correlation_id,
+            session_id,
             tier,
             roles,
             permissions,
             features,
-            EMPTY if claims is None else _check_metadata("claims", claims, reserved=False),
-            None if auth_method is None else _check_optional_text("auth_method", auth_method),
+            claims,
+            auth_method,
             is_authenticated,
             EMPTY if agent_context is None else _check_metadata("agent_context", agent_context),
             EMPTY if audit_metadata is None else _check_metadata("audit_metadata", audit_metadata),
@@ -311,7 +367,8 @@ class UserExecutionContext(_ContextBase):
         audit = self.audit_metadata
         if audit_metadata is not None:
             audit = audit.merged(_check_metadata("audit_metadata", audit_metadata))  # type: ignore[attr-defined]
-        return _Filler(  # type: ignore[return-value]
+        return _fill(
+            _new(_Filler),
             self.user_id,
             self.thread_id,
             self.run_id,
@@ -335,6 +392,11 @@ class UserExecutionContext(_ContextBase):
             _now(_UTC),
             self.db_session,
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and copy: the default reduction calls ``cls.__new__(cls)``, which needs the
+        fields; restore the state (``__setstate__``) on a bare instance instead, as before."""
+        return (_bare, (), self.__getstate__())
 
     def replace(self, **changes: Any) -> UserExecutionContext:
         """A validated copy with ``changes`` applied."""
@@ -490,62 +552,71 @@ class _Filler(_ContextBase):
     """The mutable twin of UserExecutionContext: same slots, same layout.
 
     A frozen dataclass pays for ``object.__setattr__`` on every field (about 60 ns each, 22
-    fields); plain attribute stores on this twin cost a fifth of that. ``__init__`` fills the
+    fields); plain attribute stores on this twin cost a fifth of that. :func:`_fill` fills the
     slots with already-validated values, then switches the object's class to the frozen one.
     """
 
     __slots__ = tuple(f.name for f in _FIELDS)
 
-    def __init__(
-        self,
-        user_id: str,
-        thread_id: str,
-        run_id: str,
-        request_id: str,
-        correlation_id: str,
-        session_id: str | None,
-        tier: Tier,
-        roles: frozenset[str],
-        permissions: frozenset[str],
-        features: frozenset[str],
-        claims: Mapping[str, Any],
-        auth_method: str | None,
-        is_authenticated: bool,
-        agent_context: Mapping[str, Any],
-        audit_metadata: Mapping[str, Any],
-        websocket_client_id: str | None,
-        trace_id: str | None,
-        operation: str | None,
-        operation_depth: int,
-        parent_request_id: str | None,
-        created_at: datetime,
-        db_session: Any,
-    ) -> None:
-        self.user_id = user_id
-        self.thread_id = thread_id
-        self.run_id = run_id
-        self.request_id = request_id
-        self.correlation_id = correlation_id
-        self.session_id = session_id
-        self.tier = tier
-        self.roles = roles
-        self.permissions = permissions
-        self.features = features
-        self.claims = claims
-        self.auth_method = auth_method
-        self.is_authenticated = is_authenticated
-        self.agent_context = agent_context
-        self.audit_metadata = audit_metadata
-        self.websocket_client_id = websocket_client_id
-        self.trace_id = trace_id
-        self.operation = operation
-        self.operation_depth = operation_depth
-        self.parent_request_id = parent_request_id
-        self.created_at = created_at
-        self.db_session = db_session
-        self.__class__ = UserExecutionContext  # type: ignore[assignment]
-        if _track is not None:
-            _track(self)  # type: ignore[arg-type]
+
+# A module function, not _Filler.__init__: ``_fill(_new(_Filler), ...)`` skips the generic
+# type call (an argument tuple, a lookup of __init__ and a call from C).
+def _fill(
+    self: Any,  # a _Filler (typed Any: its slots are not declared to the type checker)
+    user_id: str,
+    thread_id: str,
+    run_id: str,
+    request_id: str,
+    correlation_id: str,
+    session_id: str | None,
+    tier: Tier,
+    roles: frozenset[str],
+    permissions: frozenset[str],
+    features: frozenset[str],
+    claims: Mapping[str, Any],
+    auth_method: str | None,
+    is_authenticated: bool,
+    agent_context: Mapping[str, Any],
+    audit_metadata: Mapping[str, Any],
+    websocket_client_id: str | None,
+    trace_id: str | None,
+    operation: str | None,
+    operation_depth: int,
+    parent_request_id: str | None,
+    created_at: datetime,
+    db_session: Any,
+) -> UserExecutionContext:
+    self.user_id = user_id
+    self.thread_id = thread_id
+    self.run_id = run_id
+    self.request_id = request_id
+    self.correlation_id = correlation_id
+    self.session_id = session_id
+    self.tier = tier
+    self.roles = roles
+    self.permissions = permissions
+    self.features = features
+    self.claims = claims
+    self.auth_method = auth_method
+    self.is_authenticated = is_authenticated
+    self.agent_context = agent_context
+    self.audit_metadata = audit_metadata
+    self.websocket_client_id = websocket_client_id
+    self.trace_id = trace_id
+    self.operation = operation
+    self.operation_depth = operation_depth
+    self.parent_request_id = parent_request_id
+    self.created_at = created_at
+    self.db_session = db_session
+    self.__class__ = UserExecutionContext
+    if _track is not None:
+        _track(self)
+    return self  # type: ignore[no-any-return]
+
+
+def _bare() -> UserExecutionContext:
+    """An empty instance, for unpickling (its slots are then filled by ``__setstate__``)."""
+    return _new(UserExecutionContext)
 
 
 def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
@@ -557,7 +628,7 @@ def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
     values = [getattr(ctx, name) for name in _FIELD_NAMES]
     for name, value in changes.items():
         values[_FIELD_INDEX[name]] = value
-    return _Filler(*values)  # type: ignore[return-value]
+    return _fill(_new(_Filler), *values)
 
 
 def request_context(
@@ -583,7 +654,8 @@ def request_context(
     Every argument is positional and required: this runs once per request, and a keyword
     call with defaults costs more than the rest of the function.
     """
-    return _Filler(  # type: ignore[return-value]
+    return _fill(
+        _new(_Filler),
         user_id,
         thread_id,
         run_id,

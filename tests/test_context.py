@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
+import pickle
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -338,7 +340,10 @@ def test_non_json_like_metadata_is_refused(value: dict[Any, Any]) -> None:
 
 
 @pytest.mark.parametrize("field", ["roles", "permissions", "features"])
-@pytest.mark.parametrize("value", ["admin", 5, ["ok", ""], ["ok", 3], [["nested"]]])
+@pytest.mark.parametrize(
+    "value",
+    ["admin", 5, ["ok", ""], ["ok", 3], [["nested"]], frozenset({"ok", ""}), frozenset({"ok", 3})],
+)
 def test_malformed_name_sets_are_refused(field: str, value: object) -> None:
     """Roles, permissions and features are collections of non-empty strings."""
     with pytest.raises(InvalidContextError):
@@ -390,7 +395,17 @@ def test_non_int_depth_is_refused(depth: object) -> None:
 
 @pytest.mark.parametrize(
     "trace_id",
-    ["0" * 32, "4BF92F3577B34DA6A3CE929D0E0E4736", "abc", "g" * 32, "4bf92f35" * 4 + "0"],
+    [
+        "0" * 32,
+        "4BF92F3577B34DA6A3CE929D0E0E4736",
+        "abc",
+        "g" * 32,
+        "4bf92f35" * 4 + "0",
+        "4bf92f35 77b34da6a3ce929d0e0e47 ",  # hex with whitespace, as bytes.fromhex takes it
+        "4bf92f3577b34da6a3ce929d0e0e473\n",
+        "\u0664" * 32,  # Arabic-Indic digit four: a digit, not a hex digit
+        "0x" + "4bf92f3577b34da6a3ce929d0e0e47",
+    ],
 )
 def test_malformed_trace_id_is_refused(trace_id: str) -> None:
     """trace_id must be 32 lowercase hex characters, not all zero."""
@@ -477,6 +492,23 @@ def test_use_id_rules_restores_after_an_error() -> None:
     assert get_id_rules() == IdRules.default()
 
 
+@pytest.mark.parametrize("field", ["user_id", "thread_id", "session_id", "parent_request_id"])
+def test_an_id_accepted_before_is_checked_again_under_new_rules(field: str) -> None:
+    """An id that passed (and was remembered) is refused once the rules forbid it."""
+    assert getattr(make(**{field: "acme_42"}), field) == "acme_42"
+    stricter = IdRules.default().forbidding("acme_")
+    with use_id_rules(stricter), pytest.raises(InvalidContextError):
+        make(**{field: "acme_42"})
+    previous = get_id_rules()
+    set_id_rules(stricter)
+    try:
+        with pytest.raises(InvalidContextError):
+            make(**{field: "acme_42"})
+    finally:
+        set_id_rules(previous)
+    assert getattr(make(**{field: "acme_42"}), field) == "acme_42"
+
+
 def test_set_id_rules_is_process_wide() -> None:
     """set_id_rules changes the rules everywhere until set back."""
     previous = get_id_rules()
@@ -554,6 +586,18 @@ def test_sets_in_metadata_become_sorted_sequences() -> None:
 
 
 # -- hashing and equality ------------------------------------------------------------------
+
+
+def test_contexts_pickle_and_copy() -> None:
+    """pickle, copy and deepcopy give back an equal, still frozen context."""
+    ctx = full_context().with_db_session("session-handle")
+    for clone in (pickle.loads(pickle.dumps(ctx)), copy.copy(ctx), copy.deepcopy(ctx)):
+        assert type(clone) is UserExecutionContext
+        assert clone == ctx
+        assert clone.db_session == "session-handle"
+        assert clone.created_at == ctx.created_at
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            clone.user_id = "other"  # type: ignore[misc]
 
 
 def test_equal_contexts_hash_alike_and_db_session_is_ignored() -> None:

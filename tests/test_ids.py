@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 
 import pytest
 
@@ -57,6 +59,53 @@ def test_forked_child_generates_different_ids() -> None:
     os.waitpid(pid, 0)
     assert len(child_id) == 24
     assert child_id != generate_id()
+
+
+def test_ids_stay_unique_across_pool_refills() -> None:
+    """Ids come from pools refilled in batches: many triples and singles never repeat."""
+    ids = [i for _ in range(1_000) for i in (*generate_ids(), generate_id())]
+    assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_threads_never_get_the_same_id() -> None:
+    """Threads drawing ids at once (and refilling the pools) never share one."""
+    results: list[list[str]] = [[] for _ in range(8)]
+
+    def draw(out: list[str]) -> None:
+        for _ in range(500):
+            out.extend(generate_ids())
+            out.append(generate_id())
+
+    threads = [threading.Thread(target=draw, args=(out,)) for out in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [i for out in results for i in out]
+    assert len(ids) == 8 * 500 * 4
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="os.fork is POSIX only")
+@pytest.mark.parametrize("draw", [generate_id, lambda: ",".join(generate_ids())])
+def test_forked_child_does_not_reuse_the_parents_pooled_ids(draw: Callable[[], str]) -> None:
+    """Ids already drawn into the pool before a fork are not handed out by the child too."""
+    draw()  # the pool now holds ids the parent will hand out next
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # 3.12+ warns when forking with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        os.close(read_end)
+        os.write(write_end, draw().encode())
+        os._exit(0)
+    os.close(write_end)
+    child_ids = os.read(read_end, 256).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert child_ids
+    assert child_ids != draw()
 
 
 @pytest.mark.parametrize(
