@@ -69,24 +69,34 @@ def _check_names(name: str, value: object) -> frozenset[str]:
         return _EMPTY_SET
     if type(value) is frozenset and _checked_names.get(value) is value:
         return value
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    # Lists, tuples and sets skip the ABC check (an isinstance() against Iterable costs more
+    # than building the set).
+    if type(value) not in _PLAIN_COLLECTIONS and (
+        isinstance(value, (str, bytes)) or not isinstance(value, Iterable)
+    ):
         _bad(f"{name} must be a collection of strings, not a single value")
     try:
         items = value if isinstance(value, frozenset) else frozenset(value)
     except TypeError:
         _bad(f"{name} must contain only non-empty strings")
+    known = _checked_names.get(items)
+    if known is not None:  # the same names passed before (a list from JSON, say): that set
+        return known
     for v in items:  # a plain loop: half the cost of all() over a generator
         if not (isinstance(v, str) and v):
             _bad(f"{name} must contain only non-empty strings")
-    if items is value and type(items) is frozenset:  # the caller's set: it may come again
+    if type(items) is frozenset:  # the same names may come again, as a set or a list
         remember(_checked_names, items, items, _CHECKED_NAMES_MAX)
     return items
 
 
-# Name sets that passed _check_names, each mapped to itself: a hit needs the very same
-# object (``is``), so the check costs one lookup for the frozensets a Policy hands out
-# again and again. Bounded; cleared when full.
+# Name sets that passed _check_names, each mapped to itself. The same object (``is``) costs
+# one lookup, for the frozensets a Policy hands out again and again; the same names in a new
+# collection (a list from JSON or a token) cost building the set, and get the remembered one.
+# Only sets of non-empty strs get in (a frozenset equals another only if its members do), so a
+# hit is always a valid set. Bounded; cleared when full.
 _checked_names: dict[frozenset[str], frozenset[str]] = {}
+_PLAIN_COLLECTIONS = frozenset({list, tuple, set, frozenset})
 _checked_names_get = _checked_names.get
 _CHECKED_NAMES_MAX = 1024
 

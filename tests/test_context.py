@@ -1042,3 +1042,15 @@ def test_tier_compares_with_names_by_rank_not_alphabetically() -> None:
         Tier.FREE < "gold"  # noqa: B015
     with pytest.raises(TypeError):
         Tier.FREE < 3  # type: ignore[operator]  # noqa: B015
+
+
+def test_name_lists_seen_before_are_still_checked_and_give_equal_sets() -> None:
+    """Names given as a list or tuple are remembered by content: a repeat gets the set
+    checked before; a list with a bad member is still refused, and so is a single string."""
+    first = UserExecutionContext(user_id="user_2hNqYf3kT9xWzL", roles=["editor", "viewer"])
+    again = UserExecutionContext(user_id="user_2hNqYf3kT9xWzL", roles=("viewer", "editor"))
+    assert first.roles == again.roles == frozenset({"editor", "viewer"})
+    assert type(again.roles) is frozenset
+    for bad in (["editor", ""], ["editor", 3], "editor", [["editor"]]):
+        with pytest.raises(InvalidContextError):
+            UserExecutionContext(user_id="user_2hNqYf3kT9xWzL", roles=bad)
