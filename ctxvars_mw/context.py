@@ -76,7 +76,7 @@ def _check_names(name: str, value: object) -> frozenset[str]:
     ):
         _bad(f"{name} must be a collection of strings, not a single value")
     try:
-        items = value if isinstance(value, frozenset) else frozenset(value)
+        items = value if isinstance(value, frozenset) else frozenset(value)  # type: ignore[call-overload]
     except TypeError:
         _bad(f"{name} must contain only non-empty strings")
     known = _checked_names.get(items)
