@@ -40,23 +40,27 @@ def test_generate_ids_gives_three_distinct_ids() -> None:
     assert all(len(i) == 24 and is_valid_id(i) for i in (first, second, third))
 
 
+def _in_forked_child(draw: Callable[[], str]) -> str:
+    """What ``draw()`` returns in a forked child (which leaves at once)."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # 3.12+ warns when forking with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report and leave at once
+        os.close(read_end)
+        os.write(write_end, draw().encode())
+        os._exit(0)
+    os.close(write_end)
+    reported = os.read(read_end, 256).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return reported
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="os.fork is POSIX only")
 def test_forked_child_generates_different_ids() -> None:
     """After fork the child's generator is reseeded, so parent and child ids differ."""
-    read_end, write_end = os.pipe()
-    with (
-        warnings.catch_warnings()
-    ):  # 3.12+ warns when forking with threads; the child exits at once
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: report one id and leave at once
-        os.close(read_end)
-        os.write(write_end, generate_id().encode())
-        os._exit(0)
-    os.close(write_end)
-    child_id = os.read(read_end, 64).decode()
-    os.close(read_end)
-    os.waitpid(pid, 0)
+    child_id = _in_forked_child(generate_id)
     assert len(child_id) == 24
     assert child_id != generate_id()
 
@@ -92,18 +96,7 @@ def test_threads_never_get_the_same_id() -> None:
 def test_forked_child_does_not_reuse_the_parents_pooled_ids(draw: Callable[[], str]) -> None:
     """Ids already drawn into the pool before a fork are not handed out by the child too."""
     draw()  # the pool now holds ids the parent will hand out next
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():  # 3.12+ warns when forking with threads
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child: report its next ids and leave at once
-        os.close(read_end)
-        os.write(write_end, draw().encode())
-        os._exit(0)
-    os.close(write_end)
-    child_ids = os.read(read_end, 256).decode()
-    os.close(read_end)
-    os.waitpid(pid, 0)
+    child_ids = _in_forked_child(draw)
     assert child_ids
     assert child_ids != draw()
 
