@@ -235,6 +235,7 @@ class ContextMiddleware:
         if auth_headers is not None:
             try:
                 jwt = self._jwt
+                digest = None
                 if (
                     jwt is not None
                     and len(auth_headers) == 1
@@ -243,11 +244,13 @@ class ContextMiddleware:
                 ):
                     # The usual request: one Authorization header, a bearer token. A token
                     # whose digest the verified-token cache holds passed every check when it
-                    # was verified (the same bytes), so a hit needs nothing more.
-                    identity = jwt._cache.get(_sha256(auth_headers[0][7:].strip(b" ")).digest())
+                    # was verified (the same bytes), so a hit needs nothing more; a miss
+                    # takes the full path with the digest (of the token it will find).
+                    digest = _sha256(auth_headers[0][7:].strip(b" ")).digest()
+                    identity = jwt._cache.get(digest)
                 if identity is None:
                     identity, subprotocol_token = await self._identify(
-                        scope, auth_headers, protocols
+                        scope, auth_headers, protocols, digest
                     )
                 if identity is not None:
                     permissions, features = self._resolve(identity)
@@ -369,16 +372,21 @@ class ContextMiddleware:
         return found[0].decode("ascii"), from_subprotocol
 
     async def _identify(
-        self, scope: Scope, auth_headers: list[bytes], protocols: bytes | None
+        self,
+        scope: Scope,
+        auth_headers: list[bytes],
+        protocols: bytes | None,
+        digest: bytes | None,
     ) -> tuple[Identity | None, bool]:
         """Find the token and authenticate it: the caller's identity (None: no credentials)
-        and whether the token came through the websocket subprotocol."""
+        and whether the token came through the websocket subprotocol. ``digest``, when given,
+        is the token's, computed by the caller."""
         token, from_subprotocol = self._find_token(scope, auth_headers, protocols)
         jwt = self._jwt
         if jwt is not None and token is not None:
             # JWTAuthenticator as is: no Connection and no call through authenticate(); a
             # miss is verified with the digest already computed.
-            digest, identity = jwt._lookup(token)
+            digest, identity = jwt._lookup(token, digest)
             if identity is None:
                 identity = await self._verify_jwt(jwt, token, digest)
             return identity, from_subprotocol

@@ -665,3 +665,20 @@ async def test_a_cached_token_whose_session_is_revoked_is_refused() -> None:
     assert first.status_code == 200
     assert after.status_code == 401
     assert "revoked" in after.json()["error_description"]
+
+
+async def test_a_token_verified_through_the_middleware_is_cached_under_its_digest() -> None:
+    """A cache miss is verified with the digest the fast path computed from the header's
+    bytes: the entry is the one JWTAuthenticator.authenticate() would look up."""
+    from ctxvars_mw.auth.cache import token_digest
+
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    app = make_app(authenticator=auth)
+    token = sign(claims())
+    async with client_for(app) as client:
+        response = await client.get("/whoami", headers={"Authorization": f"bearer  {token}"})
+    assert response.status_code == 200
+    cached = auth._cache.get(token_digest(token))
+    assert cached is not None
+    assert cached.user_id == USER
+    assert len(auth._cache) == 1

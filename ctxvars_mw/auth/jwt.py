@@ -154,11 +154,13 @@ class JWTAuthenticator:
         digest, cached = self._lookup(token)
         return cached if cached is not None else await self._verify_uncached(token, digest)
 
-    def _lookup(self, token: str) -> tuple[bytes, Identity | None]:
-        """The token's cache key (its digest, computed once) and its cached identity, if any."""
+    def _lookup(self, token: str, digest: bytes | None = None) -> tuple[bytes, Identity | None]:
+        """The token's cache key (its digest, computed once: ``digest`` when the caller has
+        it already) and its cached identity, if any."""
         if len(token) > self.max_token_bytes:
             raise InvalidTokenError("The access token is too large.")
-        digest = token_digest(token)
+        if digest is None:
+            digest = token_digest(token)
         return digest, self._cache.get(digest)
 
     async def _verify_uncached(self, token: str, digest: bytes) -> Identity:
