@@ -44,12 +44,12 @@ def _helpers() -> dict[str, Any]:
     from ctxvars_mw import Policy, Tier, resources
     from ctxvars_mw import middleware as mw
     from ctxvars_mw.current import _current
-    from ctxvars_mw.ids import get_id_rules
+    from ctxvars_mw.ids import HEADER_ID_CHARS, get_id_rules
 
     return {
         "accept": mw._accept_id,
         "rules": get_id_rules,
-        "match": mw._header_id_match,
+        "chars": HEADER_ID_CHARS,
         "build": mw._request_context,
         "features": Policy.default().features_for_tier(Tier.FREE),
         "with_ids": mw._with_ids,
@@ -86,7 +86,7 @@ class Layer:
     def _accept(self, raw: bytes | None, rules: Any, kind: str) -> str | None:
         if raw is None:
             return None
-        if len(raw) >= rules._safe_length and self.h["match"](raw) is not None:
+        if rules._safe_length <= len(raw) <= 128 and not raw.translate(None, self.h["chars"]):
             return raw.decode("ascii")
         return self.h["accept"](raw, kind, rules)  # type: ignore[no-any-return]
 
