@@ -47,8 +47,8 @@ def _materialize(pending: _Pending) -> UserExecutionContext:
 
     Threads that read a new request's context at the same moment may each build one; each
     appends its own (``list.append`` is atomic), and all of them return the first appended,
-    so the request has one context object, one set of generated ids. No lock: a lock's
-    ``with`` costs more than the rest of this function.
+    so the request has one context object, one set of generated ids. No lock, which the
+    first read of every request would pay for to settle a race that is rare and harmless.
     """
     pending.append(pending[1](*pending[2]))
     ctx: UserExecutionContext = pending[_FIRST_BUILT]
