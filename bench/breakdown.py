@@ -44,12 +44,13 @@ def _helpers() -> dict[str, Any]:
     from ctxvars_mw import Policy, Tier, resources
     from ctxvars_mw import middleware as mw
     from ctxvars_mw.current import _current
-    from ctxvars_mw.ids import HEADER_ID_CHARS, get_id_rules
+    from ctxvars_mw.ids import HEADER_ID_CHARS, HEADER_ID_MAX, get_id_rules
 
     return {
         "accept": mw._accept_id,
         "rules": get_id_rules,
         "chars": HEADER_ID_CHARS,
+        "longest": HEADER_ID_MAX,
         "build": mw._request_context,
         "features": Policy.default().features_for_tier(Tier.FREE),
         "with_ids": mw._with_ids,
@@ -86,7 +87,8 @@ class Layer:
     def _accept(self, raw: bytes | None, rules: Any, kind: str) -> str | None:
         if raw is None:
             return None
-        if rules._safe_length <= len(raw) <= 128 and not raw.translate(None, self.h["chars"]):
+        longest = self.h["longest"]
+        if rules._safe_length <= len(raw) <= longest and not raw.translate(None, self.h["chars"]):
             return raw.decode("ascii")
         return self.h["accept"](raw, kind, rules)  # type: ignore[no-any-return]
 
@@ -98,13 +100,14 @@ class Layer:
         rid_value = rid.encode("ascii")
         id_headers = [(RID, rid_value), (CID, rid_value if cid is rid else cid.encode())]
         with_ids = self.h["with_ids"]
+        names = frozenset({RID, CID})
         started = False
 
         def send_with_ids(message: Message) -> Any:
             nonlocal started
             if not started and message["type"] == "http.response.start":
                 started = True
-                message["headers"] = with_ids(message.get("headers", ()), id_headers)
+                message["headers"] = with_ids(message.get("headers", ()), id_headers, names)
             return send(message)
 
         return send_with_ids

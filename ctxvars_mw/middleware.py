@@ -304,10 +304,10 @@ class ContextMiddleware:
                     started = True
                     if subprotocol_token and message.get("subprotocol") is None:
                         message["subprotocol"] = "bearer"
-                    message["headers"] = _with_ids(message.get("headers", ()), id_headers)
+                    message["headers"] = _with_ids(message.get("headers", ()), id_headers, id_names)
                 elif kind == "websocket.http.response.start":  # the app's denial response
                     started = True
-                    message["headers"] = _with_ids(message.get("headers", ()), id_headers)
+                    message["headers"] = _with_ids(message.get("headers", ()), id_headers, id_names)
                 elif kind == "websocket.close":
                     started = True
                 return send(message)
@@ -539,14 +539,16 @@ def _trace_id(raw: bytes) -> str | None:
 
 
 def _with_ids(
-    headers: Iterable[tuple[bytes, bytes]], id_headers: list[tuple[bytes, bytes]]
+    headers: Iterable[tuple[bytes, bytes]],
+    id_headers: list[tuple[bytes, bytes]],
+    names: frozenset[bytes],
 ) -> list[tuple[bytes, bytes]]:
-    """A new list: ``headers`` with ours set (any value the app set for our names is dropped).
+    """A new list: ``headers`` with ours set (any value the app set for our ``names``, the
+    lowercase names of ``id_headers``, is dropped). The http send wrapper inlines this.
 
     ASGI asks for lowercase response header names; an app that sends another case is still
     caught, at the price of a ``lower()`` for its non-lowercase names only.
     """
-    names = frozenset({id_headers[0][0], id_headers[1][0]})
     out = list(headers)
     for name, _ in out:
         if name in names or not name.islower():
