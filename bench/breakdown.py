@@ -1,10 +1,12 @@
 """Where the anonymous request's time goes: the middleware's path rebuilt one step at a time.
 
-Each layer adds one step of ``ContextMiddleware.__call__`` (http, no authenticator) to the
-previous one, using the middleware's own helpers, and the whole stack is timed against
-bare Starlette in the same interleaved run; the last row is the real middleware. The
-differences between consecutive rows are what each step costs. If the middleware's
-private helpers change name, this section is skipped (``available()`` says why).
+Each layer adds one step of ``ContextMiddleware.__call__``'s pure-Python path (http, no
+authenticator) to the previous one, using the middleware's own helpers, and the whole stack
+is timed against bare Starlette in the same interleaved run; the last rows are the real
+middleware, on its pure-Python path and (when built) on the C accelerator that runs the same
+steps. The differences between consecutive rows are what each step costs in Python. If the
+middleware's private helpers change name, this section is skipped (``available()`` says
+why).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ LAYERS = (
     "+ accept the request and correlation ids",
     "+ the pending context (built on first read)",
     "+ wrap send to add the id headers",
-    "+ cleanup stack, error handling",
+    "+ cleanup list, error handling",
 )
 RID, CID = b"x-request-id", b"x-correlation-id"
 
@@ -55,7 +57,6 @@ def _helpers() -> dict[str, Any]:
         "features": Policy.default().features_for_tier(Tier.FREE),
         "with_ids": mw._with_ids,
         "var": _current,
-        "stack": resources._stack,
         "closed": resources._closed,
         "cleanups": resources.run_cleanups,
     }
@@ -94,7 +95,7 @@ class Layer:
 
     def _pending(self, rid: str, cid: str, trace: bytes | None) -> Any:
         return [None, self.h["build"], (None, frozenset(), self.h["features"], rid, cid, trace,
-                None, None, None, 0.0)]  # fmt: skip
+                None, None, None, 0.0), []]  # fmt: skip
 
     def _send(self, send: Send, rid: str, cid: str) -> Send:
         rid_value = rid.encode("ascii")
@@ -124,8 +125,7 @@ class Layer:
             finally:
                 var.reset(token)
             return
-        stack: list[Any] = []
-        stack_token = self.h["stack"].set(stack)
+        stack: list[Any] = ctx[3]
         token = var.set(ctx)
         try:
             await self.app(scope, receive, inner)
@@ -136,14 +136,16 @@ class Layer:
             finally:
                 var.reset(token)
                 stack.append(self.h["closed"])
-                self.h["stack"].reset(stack_token)
 
 
 async def _main(n: int, repeats: int) -> dict[str, Any]:
     templates = [http_scope(tokens.mint("HS256", unique=False))]
     apps: dict[str, Any] = {"bare Starlette": bare_app()}
     apps.update({name: Layer(bare_app(), i) for i, name in enumerate(LAYERS)})
-    apps["ContextMiddleware (real)"] = ContextMiddleware(bare_app())
+    apps["ContextMiddleware (real, pure Python)"] = _pure_python(ContextMiddleware, bare_app())
+    real = ContextMiddleware(bare_app())
+    if real._start is not None:
+        apps["ContextMiddleware (real, C accelerator)"] = real
     samples: dict[str, list[float]] = {name: [] for name in apps}
     for app in apps.values():
         await sequential(app, templates, min(n, 300))
@@ -155,6 +157,18 @@ async def _main(n: int, repeats: int) -> dict[str, Any]:
         name: statistics.median([v - b for v, b in zip(values, bare, strict=True)])
         for name, values in samples.items()
     }
+
+
+def _pure_python(factory: Any, app: ASGIApp) -> Any:
+    """``factory(app)`` built without the C accelerator."""
+    from ctxvars_mw import middleware as mw
+
+    saved = mw._Accelerator
+    mw._Accelerator = None
+    try:
+        return factory(app)
+    finally:
+        mw._Accelerator = saved
 
 
 def run(*, n: int, repeats: int) -> dict[str, Any]:
@@ -181,7 +195,7 @@ def section(result: dict[str, Any]) -> list[str]:
     for name, delta in result["delta_us"].items():
         if name == "bare Starlette":
             continue
-        step = "" if name.endswith("(real)") else f"{delta - previous:.2f}"
+        step = "" if name.startswith("ContextMiddleware (real") else f"{delta - previous:.2f}"
         lines.append(f"| {name} | {delta:.2f} | {step} |")
         previous = delta
     return [*lines, ""]

@@ -25,35 +25,56 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# The one ContextVar. It holds a UserExecutionContext, None, or, for a request that
-# ContextMiddleware handles, a *pending* context: a list ``[None, build, args]``. The
-# middleware has already done everything that decides the request's fate (ids validated,
-# caller authenticated, session checked); what is left, the 22-field object itself, is built
-# by ``build(*args)`` the first time anything asks for it, and then stands in the list's first
-# slot for every later reader, in every task and thread of the request. A request whose code
-# never reads its context (health checks, static files, most proxies' traffic) never pays for
-# one. A plain list because the middleware makes one per request: a literal costs a tenth of
-# an instance of a class of our own.
+# The one ContextVar. It holds a UserExecutionContext, None, or a *frame*: a list
+# ``[context or None, build, args, cleanups]``.
+#
+# - A request that ContextMiddleware handles is a *pending* frame ``[None, build, args,
+#   cleanups]``. The middleware has already done everything that decides the request's fate
+#   (ids validated, caller authenticated, session checked); what is left, the 22-field object
+#   itself, is built by ``build(*args)`` the first time anything asks for it, and then stands
+#   in the first slot for every later reader, in every task and thread of the request. A
+#   request whose code never reads its context (health checks, static files, most proxies'
+#   traffic) never pays for one.
+# - ``cleanups`` is the list of the request's (or a ``resource_scope()``'s) cleanups, so one
+#   ContextVar carries both. ``use_context()`` inside a frame sets ``[ctx, None, None,
+#   cleanups]``: the new context, the same cleanup list. A frame with no context at all (a
+#   ``resource_scope()`` outside any) is ``[None, None, None, cleanups]``.
+#
+# A plain list because the middleware makes one per request: a literal costs a tenth of an
+# instance of a class of our own.
 _Pending = list[Any]
 _current: ContextVar[UserExecutionContext | _Pending | None] = ContextVar(
     "ctxvars_mw.context", default=None
 )
 _get_raw = _current.get
-_FIRST_BUILT = 3  # the index of the first context appended to a pending list
+_CLEANUPS = 3  # the index of a frame's cleanup list
+_FIRST_BUILT = 4  # the index of the first context appended to a pending frame
 
 
-def _materialize(pending: _Pending) -> UserExecutionContext:
-    """Build a pending context and return the one every reader of it gets.
+def _materialize(pending: _Pending) -> UserExecutionContext | None:
+    """Build a pending frame's context and return the one every reader of it gets (None for
+    a frame without a context).
 
     Threads that read a new request's context at the same moment may each build one; each
     appends its own (``list.append`` is atomic), and all of them return the first appended,
     so the request has one context object, one set of generated ids. No lock, which the
     first read of every request would pay for to settle a race that is rare and harmless.
     """
-    pending.append(pending[1](*pending[2]))
+    build = pending[1]
+    if build is None:
+        return None
+    pending.append(build(*pending[2]))
     ctx: UserExecutionContext = pending[_FIRST_BUILT]
     pending[0] = ctx
     return ctx
+
+
+def _set(ctx: UserExecutionContext) -> Token[UserExecutionContext | _Pending | None]:
+    """Make ``ctx`` current (reset with the token), keeping the enclosing frame's cleanups."""
+    outer = _get_raw()
+    if type(outer) is list:
+        return _current.set([ctx, None, None, outer[_CLEANUPS]])
+    return _current.set(ctx)
 
 
 def resolved(value: UserExecutionContext | _Pending | None) -> UserExecutionContext | None:
@@ -67,7 +88,7 @@ def get_context() -> UserExecutionContext:
     """The current context; raises :class:`ContextNotSetError` outside a request."""
     ctx = _get_raw()
     if type(ctx) is list:
-        return ctx[0] or _materialize(ctx)
+        ctx = ctx[0] or _materialize(ctx)
     if ctx is None:
         raise ContextNotSetError(
             "no UserExecutionContext is set: call this inside a request handled by "
@@ -96,7 +117,7 @@ class use_context:  # noqa: N801 - used like a function, as contextlib's helpers
         self._tokens: list[Token[UserExecutionContext | _Pending | None]] = []
 
     def __enter__(self) -> UserExecutionContext:
-        self._tokens.append(_current.set(self._ctx))
+        self._tokens.append(_set(self._ctx))
         return self._ctx
 
     def __exit__(

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
 from hashlib import sha256 as _sha256
 from time import time as _time
+from typing import Any
 
+from . import ids as _ids
 from ._memo import remember
 from .auth.base import Authenticator, Connection, Identity
 from .auth.jwt import JWTAuthenticator
 from .auth.sessions import SessionStore
 from .context import ANONYMOUS_USER_ID, UserExecutionContext, request_context
-from .current import _current, _materialize, _Pending, resolved
+from .current import _current, _Pending, resolved
 from .errors import (
     AuthenticationError,
     AuthenticationRequiredError,
@@ -39,7 +42,7 @@ from .ids import (
     parse_traceparent,
 )
 from .policy import Policy
-from .resources import Cleanup, _closed, _stack, run_cleanups
+from .resources import Cleanup, _closed, run_cleanups
 from .responses import send_error
 from .tier import Tier
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -64,6 +67,17 @@ _SCOPE_CTX = "ctxvars_mw.context"
 _UTC = UTC
 _from_timestamp = datetime.fromtimestamp
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
+
+# The optional C accelerator (ctxvars_mw/_speedups.c) runs the anonymous http path: the
+# same steps as the Python below, several times faster. Without a compiler at install time,
+# or with CTXVARS_MW_NO_EXTENSIONS set, everything runs here in Python, with the same result.
+_Accelerator: Any
+try:
+    from ._speedups import Accelerator as _Accelerator
+except ImportError:  # pragma: no cover - depends on the build
+    _Accelerator = None
+if os.environ.get("CTXVARS_MW_NO_EXTENSIONS"):  # pragma: no cover - depends on the environment
+    _Accelerator = None
 
 
 class ContextMiddleware:
@@ -141,10 +155,10 @@ class ContextMiddleware:
         self._trust_baggage = trust_incoming_baggage
         if not isinstance(trust_incoming_ids, bool):
             raise ConfigurationError("trust_incoming_ids must be a bool")
-        # The names the header scan looks for: b"" matches no header, so untrusted ids are
-        # never read (the response headers still use self._rid / self._cid).
-        self._rid_in = self._rid if trust_incoming_ids else b""
-        self._cid_in = self._cid if trust_incoming_ids else b""
+        # The names the header scan looks for: None equals no header name, so untrusted ids
+        # are never read (the response headers still use self._rid / self._cid).
+        self._rid_in = self._rid if trust_incoming_ids else None
+        self._cid_in = self._cid if trust_incoming_ids else None
         self._id_names = frozenset({self._rid, self._cid})
         self._wanted = frozenset(
             {self._rid_in, self._cid_in, b"traceparent"}
@@ -164,12 +178,49 @@ class ContextMiddleware:
             else None
         )
         self._resolved: dict[int, tuple[Identity, IdRules, frozenset[str], frozenset[str]]] = {}
+        # The C path takes the requests that need no authenticator and no baggage: the
+        # anonymous http request, start to finish (see _speedups.c; None: Python only).
+        self._start = (
+            _Accelerator(
+                rid_in=self._rid_in, cid_in=self._cid_in, rid=self._rid, cid=self._cid,
+                names=self._id_names, features=self._anonymous_features, no_names=_NO_NAMES,
+                build=_request_context, accept_id=_accept_id, with_ids=_with_ids,
+                generate_id=generate_id, now=_time, rules_var=_ids._rules_var,
+                ids_module=_ids, current=_current, closed=_closed,
+                scope_key=_SCOPE_CTX,
+            ).start
+            if _Accelerator is not None and authenticator is None and not trust_incoming_baggage
+            else None
+        )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type != "http" and scope_type != "websocket":
-            await self.app(scope, receive, send)
-            return
+        if scope_type != "http":
+            if scope_type != "websocket":
+                await self.app(scope, receive, send)
+                return
+        elif self._start is not None:
+            exchange = self._start(scope, send)
+            if exchange is not None:  # the C path took it (None: it needs the one below)
+                try:
+                    await self.app(scope, receive, exchange)
+                except (AuthenticationError, PermissionDeniedError) as exc:
+                    if exchange.started:
+                        raise
+                    await _reject(scope, receive, send, exc, exchange.id_headers, None, False)
+                except Exception:
+                    if exchange.started:
+                        raise
+                    await _send_500(send, exchange.id_headers)
+                    raise
+                finally:
+                    cleanups = exchange.stack
+                    try:
+                        if cleanups:
+                            await run_cleanups(cleanups)
+                    finally:
+                        exchange.finish()
+                return
 
         rid_in = self._rid_in
         cid_in = self._cid_in
@@ -237,6 +288,7 @@ class ContextMiddleware:
 
         subprotocol_token = False
         identity: Identity | None = None
+        args: tuple[Any, ...]
         if auth_headers is not None:
             try:
                 jwt = self._jwt
@@ -261,20 +313,25 @@ class ContextMiddleware:
                     permissions, features = self._resolve(identity)
                     if identity.session_id is not None and self.session_store is not None:
                         await self._check_session(identity.session_id, identity.user_id)
-                    ctx: UserExecutionContext | _Pending = [None, _request_context, (
+                    args = (
                         identity, permissions, features, request_id, correlation_id, trace,
                         thread_id, run_id, ws_id, _time(),
-                    )]  # fmt: skip
+                    )  # fmt: skip
             except _HTTPError as exc:
                 await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
                 return
         if identity is None:  # anonymous: FREE, no roles, the free tier's features
-            ctx = [None, _request_context, (
+            args = (
                 None, _NO_NAMES, self._anonymous_features, request_id, correlation_id, trace,
                 thread_id, run_id, ws_id, _time(),
-            )]  # fmt: skip
+            )  # fmt: skip
+        # The request's frame (see ctxvars_mw.current): its pending context and its cleanups.
+        stack: list[Cleanup] = []
         if self._trust_baggage:
-            ctx = apply_incoming(_materialize(ctx), scope["headers"])  # type: ignore[arg-type]
+            built = apply_incoming(_request_context(*args), scope["headers"])
+            ctx: _Pending = [built, None, None, stack]
+        else:
+            ctx = [None, _request_context, args, stack]
 
         started = False
         id_names = self._id_names
@@ -314,9 +371,6 @@ class ContextMiddleware:
 
         if outer is None:
             scope[_SCOPE_CTX] = ctx  # for a ContextMiddleware nested inside this one
-        # resources.open_stack()/close_stack(), inlined: the request's cleanups.
-        stack: list[Cleanup] = []
-        stack_token = _stack.set(stack)
         ctx_token = _current.set(ctx)
         try:
             await self.app(scope, receive, send_with_ids)
@@ -338,7 +392,6 @@ class ContextMiddleware:
             finally:
                 _current.reset(ctx_token)
                 stack.append(_closed)
-                _stack.reset(stack_token)
 
     # -- authentication ---------------------------------------------------------------------
 

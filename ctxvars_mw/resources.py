@@ -13,11 +13,10 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
 from .context import UserExecutionContext
-from .current import use_context
+from .current import _CLEANUPS, _current, _get_raw, resolved, use_context
 from .errors import ContextNotSetError
 
 __all__ = ["attach_resource", "managed_context", "resource_scope", "run_cleanups"]
@@ -34,8 +33,18 @@ def _closed() -> None:
 
 # A request's cleanups: a plain list (one is made per request, and a literal is the cheapest
 # object there is), ended by ``_closed`` once the request is over, so that a task that
-# outlived it is refused rather than registering a cleanup that would never run.
-_stack: ContextVar[list[Cleanup] | None] = ContextVar("ctxvars_mw.resources", default=None)
+# outlived it is refused rather than registering a cleanup that would never run. It travels
+# in the context's ContextVar, in the frame that ctxvars_mw.current describes: one
+# ContextVar set per request, not two.
+
+
+def _current_cleanups() -> list[Cleanup] | None:
+    """The cleanup list of the innermost request or resource scope, if any."""
+    frame = _get_raw()
+    if type(frame) is list:
+        cleanups: list[Cleanup] = frame[_CLEANUPS]
+        return cleanups
+    return None
 
 
 def _default_cleanup(resource: Any) -> Cleanup:
@@ -54,7 +63,7 @@ def attach_resource(resource: T, cleanup: Cleanup | None = None) -> T:
     ``cleanup`` (sync or async, no arguments) defaults to the resource's ``aclose`` or
     ``close`` method.
     """
-    stack = _stack.get()
+    stack = _current_cleanups()
     if stack is None:
         raise ContextNotSetError(
             "attach_resource() needs a request (ContextMiddleware) or a resource_scope() block"
@@ -87,34 +96,33 @@ async def run_cleanups(stack: list[Cleanup]) -> None:
         raise cancelled
 
 
-def open_stack() -> tuple[list[Cleanup], Token[list[Cleanup] | None]]:
-    """Start a cleanup stack (a request's, or a :func:`resource_scope`'s); returns it and
-    the token to close it with."""
-    stack: list[Cleanup] = []
-    return stack, _stack.set(stack)
-
-
-def close_stack(stack: list[Cleanup], token: Token[list[Cleanup] | None]) -> None:
-    """Close and forget ``stack`` (its cleanups must have run).
-
-    Tasks that copied the context still see the stack, closed: attaching to it raises
-    instead of registering a cleanup that would never run.
-    """
-    stack.append(_closed)
-    _stack.reset(token)
-
-
 @asynccontextmanager
 async def resource_scope() -> AsyncIterator[None]:
-    """A block whose attached resources are cleaned up on exit."""
-    stack, token = open_stack()
+    """A block whose attached resources are cleaned up on exit.
+
+    The current context does not change: the block's frame resolves to the enclosing one's
+    (built on first use if that one is still pending, and then the same object).
+    """
+    stack: list[Cleanup] = []
+    outer = _get_raw()
+    frame: list[Any]
+    if outer is None or type(outer) is not list:
+        frame = [outer, None, None, stack]
+    elif outer[0] is not None or outer[1] is None:
+        frame = [outer[0], None, None, stack]
+    else:
+        frame = [None, resolved, (outer,), stack]
+    token = _current.set(frame)
     try:
         yield
     finally:
         try:
             await run_cleanups(stack)
         finally:
-            close_stack(stack, token)
+            # Tasks that copied the context still see the list, closed: attaching to it
+            # raises instead of registering a cleanup that would never run.
+            stack.append(_closed)
+            _current.reset(token)
 
 
 @asynccontextmanager

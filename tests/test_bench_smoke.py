@@ -21,6 +21,7 @@ from bench import (
     run,
 )
 from bench.stats import Summary, machine
+from tests.conftest import speedups_built
 
 
 def _positive(values: list[float]) -> bool:
@@ -85,7 +86,8 @@ def test_breakdown_layers_rebuild_the_middleware() -> None:
     assert list(result["delta_us"]) == [
         "bare Starlette",
         *breakdown.LAYERS,
-        "ContextMiddleware (real)",
+        "ContextMiddleware (real, pure Python)",
+        *(["ContextMiddleware (real, C accelerator)"] if speedups_built() else []),
     ]
 
 

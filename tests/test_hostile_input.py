@@ -33,6 +33,9 @@ from hypothesis import strategies as st
 from ctxvars_mw import ContextMiddleware, get_context, get_context_or_none
 from ctxvars_mw.auth.jwt import JWTAuthenticator
 
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 KEY = secrets.token_bytes(32)
 USER = "auth0|5f7c8ec7c33c6c004bbafe82"
 QUERY_PARAM = "access_token"

@@ -48,6 +48,9 @@ from ctxvars_mw import middleware as middleware_module
 from ctxvars_mw.ids import HEADER_ID_RE, is_valid_id, parse_traceparent
 from ctxvars_mw.types import Message, Receive, Scope, Send
 
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 FREE_FEATURES = frozenset({"chat", "basic_agents", "history_7d"})
 VALID_RID = "req-7f3a9c2e41b84d0e9a55"
 VALID_CID = "corr-0b1c2d3e4f5a6b7c8d9e"

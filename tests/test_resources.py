@@ -23,13 +23,19 @@ from ctxvars_mw import (
     ContextNotSetError,
     UserExecutionContext,
     attach_resource,
+    child_context,
     get_context,
+    get_context_or_none,
     managed_context,
     resource_scope,
     run_in_thread,
+    use_context,
 )
 from ctxvars_mw.types import Message
 from tests.servers import free_port
+
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
 
 USER = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82")
 
@@ -315,3 +321,85 @@ async def test_readme_resources_snippet_runs() -> None:
     await namespace["worker"](USER)
     async with resource_scope():
         assert await namespace["handler"](None) == (1,)
+
+
+# -- the cleanup list travels with the context (one ContextVar per request) ----------------
+
+
+async def _run_raw(app: Any) -> None:
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        return None
+
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    await app(scope, receive, send)
+
+
+async def test_attaching_inside_use_context_in_a_request_belongs_to_the_request() -> None:
+    """A child context made current inside a request (an agent's tool call) still attaches
+    to the request: its cleanup runs when the request ends, not before."""
+    log: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        request_ctx = get_context()
+        with child_context("tool.search") as child:
+            assert get_context() is child
+            attach_resource("tool", lambda: log.append("tool closed"))
+        assert get_context() is request_ctx
+        log.append("handler done")
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await _run_raw(ContextMiddleware(app))
+    assert log == ["handler done", "tool closed"]
+
+
+async def test_a_resource_scope_inside_a_request_is_its_own_and_keeps_the_context() -> None:
+    """A resource_scope() inside a request closes its own resources at its end; the context
+    inside it is the request's very object (built once, whichever is read first)."""
+    log: list[str] = []
+    seen: list[UserExecutionContext] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        attach_resource("request", lambda: log.append("request closed"))
+        async with resource_scope():
+            seen.append(get_context())  # first read: inside the scope
+            attach_resource("scoped", lambda: log.append("scoped closed"))
+        log.append("after scope")
+        seen.append(get_context())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    await _run_raw(ContextMiddleware(app))
+    assert log == ["scoped closed", "after scope", "request closed"]
+    assert seen[0] is seen[1]
+
+
+async def test_a_request_inside_an_outer_resource_scope_keeps_its_own_cleanups() -> None:
+    """An app called inside a resource_scope() (a test, a worker) attaches to the request,
+    and the outer scope's own resources wait for the scope."""
+    log: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        attach_resource("request", lambda: log.append("request closed"))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with resource_scope():
+        attach_resource("outer", lambda: log.append("outer closed"))
+        await _run_raw(ContextMiddleware(app))
+        assert log == ["request closed"]
+    assert log == ["request closed", "outer closed"]
+
+
+async def test_a_resource_scope_without_a_context_has_none() -> None:
+    async with resource_scope():
+        assert get_context_or_none() is None
+        with pytest.raises(ContextNotSetError):
+            get_context()
+        with use_context(USER):
+            assert get_context() is USER
+            attach_resource("inside", lambda: None)
+        assert get_context_or_none() is None

@@ -14,6 +14,9 @@ from ctxvars_mw import ConfigurationError, ContextMiddleware, UserExecutionConte
 from ctxvars_mw.types import Receive, Scope, Send
 from ctxvars_mw.w3c import apply_incoming, format_baggage, parse_baggage, parse_tracestate
 
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 

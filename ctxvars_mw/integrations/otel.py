@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from .. import propagation
-from ..current import _current, get_context_or_none
+from ..current import _current, _set, get_context_or_none
 from ..types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["SpanTraceMiddleware", "current_span_ids", "install", "uninstall"]
@@ -81,7 +81,7 @@ class SpanTraceMiddleware:
         if ctx is None or trace_id is None or ctx.trace_id == trace_id:
             await self.app(scope, receive, send)
             return
-        token = _current.set(ctx.replace(trace_id=trace_id))
+        token = _set(ctx.replace(trace_id=trace_id))
         try:
             await self.app(scope, receive, send)
         finally:

@@ -1,0 +1,857 @@
+/*
+ * ctxvars_mw._speedups: ContextMiddleware's anonymous http path in C.
+ *
+ * Optional. ctxvars_mw/middleware.py holds the reference implementation in Python and uses
+ * this module only when it was built (and CTXVARS_MW_NO_EXTENSIONS is not set); the test
+ * suite runs the middleware's tests against both. Everything here mirrors that Python code
+ * step by step, and hands anything unusual back to it:
+ *
+ *   Accelerator.start(scope, send) -> Exchange | None
+ *       None when the Python path must handle the request (a scope that is not a plain dict,
+ *       headers that are not a list/tuple of (bytes, bytes) pairs, a nested middleware).
+ *       Otherwise: scans the request headers, accepts or generates the request/correlation
+ *       ids (short or odd ids go to the Python _accept_id), makes the request's frame
+ *       [None, build, args, cleanups] (see current.py), hands it to a nested middleware
+ *       through the scope, sets the ContextVar, and returns the Exchange.
+ *   Exchange(message)
+ *       the app's send: sets the id headers on http.response.start (any header list it does
+ *       not understand goes through the Python _with_ids), then calls the server's send.
+ *   Exchange.finish()
+ *       drops the scope key, resets the ContextVar and closes the cleanup list: what the
+ *       Python path's finally block does.
+ *
+ * No value from a request is ever logged or formatted here.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+
+#define HEADER_ID_MAX 128
+
+/* [A-Za-z0-9._:-]: ctxvars_mw.ids.HEADER_ID_CHARS */
+static unsigned char id_char[256];
+
+static void
+init_id_chars(void)
+{
+    const char *ok = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-";
+    memset(id_char, 0, sizeof(id_char));
+    for (; *ok; ok++) {
+        id_char[(unsigned char)*ok] = 1;
+    }
+}
+
+static inline int
+bytes_equal(PyObject *a, const char *b, Py_ssize_t blen)
+{
+    return PyBytes_GET_SIZE(a) == blen && memcmp(PyBytes_AS_STRING(a), b, (size_t)blen) == 0;
+}
+
+static inline int
+same_bytes(PyObject *a, PyObject *b)
+{
+    return a == b || bytes_equal(a, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
+}
+
+/* A (name, value) pair of bytes, from a tuple or a list of two; 0 when it is not one. */
+static inline int
+unpack_pair(PyObject *item, PyObject **name, PyObject **value)
+{
+    if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
+        *name = PyTuple_GET_ITEM(item, 0);
+        *value = PyTuple_GET_ITEM(item, 1);
+    }
+    else if (PyList_CheckExact(item) && PyList_GET_SIZE(item) == 2) {
+        *name = PyList_GET_ITEM(item, 0);
+        *value = PyList_GET_ITEM(item, 1);
+    }
+    else {
+        return 0;
+    }
+    return PyBytes_CheckExact(*name) && PyBytes_CheckExact(*value);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Exchange: one request's send wrapper and state                                        */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *send;        /* the server's send */
+    PyObject *id_headers;  /* [(rid name, value), (cid name, value)] */
+    PyObject *rid;         /* the response header names, lowercase bytes */
+    PyObject *cid;
+    PyObject *names;       /* frozenset({rid, cid}), for with_ids */
+    PyObject *with_ids;    /* middleware._with_ids(headers, id_headers, names) */
+    PyObject *ctx;         /* the request's frame (pending context and cleanups) */
+    PyObject *stack;       /* the request's cleanups */
+    PyObject *closed;      /* resources._closed */
+    PyObject *current;     /* the context ContextVar and its token */
+    PyObject *ctx_token;
+    PyObject *scope;       /* to drop the hand-off key from */
+    PyObject *scope_key;
+    char started;
+    char finished;
+} Exchange;
+
+static PyTypeObject Exchange_Type;
+
+static int
+Exchange_traverse(Exchange *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->send);
+    Py_VISIT(self->id_headers);
+    Py_VISIT(self->rid);
+    Py_VISIT(self->cid);
+    Py_VISIT(self->names);
+    Py_VISIT(self->with_ids);
+    Py_VISIT(self->ctx);
+    Py_VISIT(self->stack);
+    Py_VISIT(self->closed);
+    Py_VISIT(self->current);
+    Py_VISIT(self->ctx_token);
+    Py_VISIT(self->scope);
+    Py_VISIT(self->scope_key);
+    return 0;
+}
+
+static int
+Exchange_clear(Exchange *self)
+{
+    Py_CLEAR(self->send);
+    Py_CLEAR(self->id_headers);
+    Py_CLEAR(self->rid);
+    Py_CLEAR(self->cid);
+    Py_CLEAR(self->names);
+    Py_CLEAR(self->with_ids);
+    Py_CLEAR(self->ctx);
+    Py_CLEAR(self->stack);
+    Py_CLEAR(self->closed);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->ctx_token);
+    Py_CLEAR(self->scope);
+    Py_CLEAR(self->scope_key);
+    return 0;
+}
+
+static void
+Exchange_dealloc(Exchange *self)
+{
+    PyObject_GC_UnTrack(self);
+    Exchange_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The response start's headers with ours set: a new list. */
+static PyObject *
+headers_with_ids(Exchange *self, PyObject *headers)
+{
+    PyObject **items;
+    Py_ssize_t n, i;
+    if (PyList_CheckExact(headers)) {
+        items = ((PyListObject *)headers)->ob_item;
+        n = PyList_GET_SIZE(headers);
+    }
+    else if (PyTuple_CheckExact(headers)) {
+        items = ((PyTupleObject *)headers)->ob_item;
+        n = PyTuple_GET_SIZE(headers);
+    }
+    else {
+        return PyObject_CallFunctionObjArgs(self->with_ids, headers, self->id_headers,
+                                            self->names, NULL);
+    }
+    for (i = 0; i < n; i++) {
+        PyObject *name, *value;
+        if (!unpack_pair(items[i], &name, &value)) {
+            goto general;
+        }
+        /* One of ours set by the app, or a name that is not lowercase (which lower() could
+           turn into one of ours): the general path drops them, as the Python path does. */
+        if (same_bytes(name, self->rid) || same_bytes(name, self->cid)) {
+            goto general;
+        }
+        const char *s = PyBytes_AS_STRING(name);
+        Py_ssize_t len = PyBytes_GET_SIZE(name), j;
+        for (j = 0; j < len; j++) {
+            if (s[j] >= 'A' && s[j] <= 'Z') {
+                goto general;
+            }
+        }
+    }
+    PyObject *out = PyList_New(n + 2);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (i = 0; i < n; i++) {
+        Py_INCREF(items[i]);
+        PyList_SET_ITEM(out, i, items[i]);
+    }
+    for (i = 0; i < 2; i++) {
+        PyObject *pair = PyList_GET_ITEM(self->id_headers, i);
+        Py_INCREF(pair);
+        PyList_SET_ITEM(out, n + i, pair);
+    }
+    return out;
+general:
+    return PyObject_CallFunctionObjArgs(self->with_ids, headers, self->id_headers, self->names,
+                                        NULL);
+}
+
+static PyObject *str_type, *str_headers, *str_start, *empty_tuple;
+
+static PyObject *
+Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Exchange *self = (Exchange *)op;
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "send() takes exactly one message");
+        return NULL;
+    }
+    PyObject *message = args[0];
+    if (!self->started) {
+        PyObject *kind;
+        if (PyDict_CheckExact(message)) {
+            kind = PyDict_GetItemWithError(message, str_type);
+            if (kind == NULL) {
+                if (!PyErr_Occurred()) {
+                    PyErr_SetObject(PyExc_KeyError, str_type);
+                }
+                return NULL;
+            }
+            Py_INCREF(kind);
+        }
+        else if ((kind = PyObject_GetItem(message, str_type)) == NULL) {
+            return NULL;
+        }
+        /* Frameworks send the literal, interned like ours: usually a pointer comparison. */
+        int is_start = kind == str_start
+                       || (PyUnicode_Check(kind) && PyUnicode_Compare(kind, str_start) == 0);
+        Py_DECREF(kind);
+        if (is_start) {
+            self->started = 1;
+            PyObject *headers, *out;
+            if (PyDict_CheckExact(message)) {
+                headers = PyDict_GetItemWithError(message, str_headers);
+                if (headers == NULL && PyErr_Occurred()) {
+                    return NULL;
+                }
+                Py_XINCREF(headers);
+            }
+            else {
+                headers = PyObject_CallMethod(message, "get", "OO", str_headers, empty_tuple);
+                if (headers == NULL) {
+                    return NULL;
+                }
+            }
+            if (headers == NULL) {
+                out = PyList_GetSlice(self->id_headers, 0, 2);
+            }
+            else {
+                out = headers_with_ids(self, headers);
+                Py_DECREF(headers);
+            }
+            if (out == NULL) {
+                return NULL;
+            }
+            int failed = PyObject_SetItem(message, str_headers, out);
+            Py_DECREF(out);
+            if (failed) {
+                return NULL;
+            }
+        }
+    }
+    return PyObject_Vectorcall(self->send, args, 1, NULL);
+}
+
+static PyObject *
+Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "this request is finished already");
+        return NULL;
+    }
+    self->finished = 1;
+    /* scope.pop(key, None): the app may have dropped the key itself. */
+    if (PyDict_Check(self->scope) && PyDict_DelItem(self->scope, self->scope_key) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    /* Both steps run; the first error is the one raised. */
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
+    if (PyContextVar_Reset(self->current, self->ctx_token) < 0) {
+        PyErr_Fetch(&type, &value, &tb);
+    }
+    if (PyList_Append(self->stack, self->closed) < 0) {
+        if (type == NULL) {
+            PyErr_Fetch(&type, &value, &tb);
+        }
+        PyErr_Clear();
+    }
+    if (type != NULL) {
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Exchange_get_started(Exchange *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->started);
+}
+
+static PyMethodDef Exchange_methods[] = {
+    {"finish", (PyCFunction)Exchange_finish, METH_NOARGS,
+     "Drop the scope key, reset the context and close the cleanup list (once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Exchange_members[] = {
+    {"id_headers", T_OBJECT, offsetof(Exchange, id_headers), READONLY,
+     "the response's id headers"},
+    {"ctx", T_OBJECT, offsetof(Exchange, ctx), READONLY, "the pending context"},
+    {"stack", T_OBJECT, offsetof(Exchange, stack), READONLY, "the request's cleanups"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Exchange_getset[] = {
+    {"started", (getter)Exchange_get_started, NULL, "whether the response has started", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject Exchange_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ctxvars_mw._speedups.Exchange",
+    .tp_basicsize = sizeof(Exchange),
+    .tp_dealloc = (destructor)Exchange_dealloc,
+    .tp_vectorcall_offset = offsetof(Exchange, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "One request's send wrapper (sets the id headers) and state.",
+    .tp_traverse = (traverseproc)Exchange_traverse,
+    .tp_clear = (inquiry)Exchange_clear,
+    .tp_methods = Exchange_methods,
+    .tp_members = Exchange_members,
+    .tp_getset = Exchange_getset,
+};
+
+/* ------------------------------------------------------------------------------------ */
+/* Accelerator: one per ContextMiddleware                                                 */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *rid_in;      /* the request header names read (None: incoming ids ignored) */
+    PyObject *cid_in;
+    PyObject *rid;         /* the response header names */
+    PyObject *cid;
+    PyObject *names;
+    PyObject *features;    /* the anonymous tier's features */
+    PyObject *no_names;    /* the empty frozenset */
+    PyObject *build;       /* middleware._request_context */
+    PyObject *accept_id;   /* middleware._accept_id(raw, kind, rules) */
+    PyObject *with_ids;    /* middleware._with_ids */
+    PyObject *generate_id; /* ids.generate_id */
+    PyObject *now;         /* time.time */
+    PyObject *rules_var;   /* ids._rules_var */
+    PyObject *ids_module;  /* for ids._global_rules */
+    PyObject *current;     /* current._current */
+    PyObject *closed;      /* resources._closed */
+    PyObject *scope_key;
+    PyObject *last_rules;  /* the rules whose _safe_length is last_safe */
+    Py_ssize_t last_safe;
+} Accelerator;
+
+static int
+Accelerator_traverse(Accelerator *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->rid_in);
+    Py_VISIT(self->cid_in);
+    Py_VISIT(self->rid);
+    Py_VISIT(self->cid);
+    Py_VISIT(self->names);
+    Py_VISIT(self->features);
+    Py_VISIT(self->no_names);
+    Py_VISIT(self->build);
+    Py_VISIT(self->accept_id);
+    Py_VISIT(self->with_ids);
+    Py_VISIT(self->generate_id);
+    Py_VISIT(self->now);
+    Py_VISIT(self->rules_var);
+    Py_VISIT(self->ids_module);
+    Py_VISIT(self->current);
+    Py_VISIT(self->closed);
+    Py_VISIT(self->scope_key);
+    Py_VISIT(self->last_rules);
+    return 0;
+}
+
+static int
+Accelerator_clear(Accelerator *self)
+{
+    Py_CLEAR(self->rid_in);
+    Py_CLEAR(self->cid_in);
+    Py_CLEAR(self->rid);
+    Py_CLEAR(self->cid);
+    Py_CLEAR(self->names);
+    Py_CLEAR(self->features);
+    Py_CLEAR(self->no_names);
+    Py_CLEAR(self->build);
+    Py_CLEAR(self->accept_id);
+    Py_CLEAR(self->with_ids);
+    Py_CLEAR(self->generate_id);
+    Py_CLEAR(self->now);
+    Py_CLEAR(self->rules_var);
+    Py_CLEAR(self->ids_module);
+    Py_CLEAR(self->current);
+    Py_CLEAR(self->closed);
+    Py_CLEAR(self->scope_key);
+    Py_CLEAR(self->last_rules);
+    return 0;
+}
+
+static void
+Accelerator_dealloc(Accelerator *self)
+{
+    PyObject_GC_UnTrack(self);
+    Accelerator_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {
+        "rid_in", "cid_in", "rid", "cid", "names", "features", "no_names", "build",
+        "accept_id", "with_ids", "generate_id", "now", "rules_var", "ids_module", "current",
+        "closed", "scope_key", NULL,
+    };
+    PyObject *o[17] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OU", kwlist, &o[0], &o[1], &PyBytes_Type,
+            &o[2], &PyBytes_Type, &o[3], &PyFrozenSet_Type, &o[4], &PyFrozenSet_Type, &o[5],
+            &PyFrozenSet_Type, &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
+            &PyContextVar_Type, &o[12], &o[13], &PyContextVar_Type, &o[14], &o[15],
+            &o[16])) {
+        return -1;
+    }
+    for (int i = 0; i < 17; i++) {
+        if (o[i] == NULL) {
+            PyErr_Format(PyExc_TypeError, "Accelerator() needs %s", kwlist[i]);
+            return -1;
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        if (o[i] != Py_None && !(PyBytes_CheckExact(o[i]) && PyBytes_GET_SIZE(o[i]) > 0)) {
+            PyErr_SetString(PyExc_TypeError, "rid_in and cid_in must be non-empty bytes or None");
+            return -1;
+        }
+    }
+    PyObject **slots[] = {
+        &self->rid_in, &self->cid_in, &self->rid, &self->cid, &self->names, &self->features,
+        &self->no_names, &self->build, &self->accept_id, &self->with_ids, &self->generate_id,
+        &self->now, &self->rules_var, &self->ids_module, &self->current, &self->closed,
+        &self->scope_key,
+    };
+    for (int i = 0; i < 17; i++) {
+        Py_INCREF(o[i]);
+        Py_XSETREF(*slots[i], o[i]);
+    }
+    Py_CLEAR(self->last_rules);
+    return 0;
+}
+
+static PyObject *str_global_rules, *str_safe_length, *str_request, *str_correlation;
+
+/* The id rules in force (ids.get_id_rules()) and their _safe_length. */
+static int
+current_rules(Accelerator *self, PyObject **rules, Py_ssize_t *safe)
+{
+    PyObject *value;
+    if (PyContextVar_Get(self->rules_var, Py_None, &value) < 0) {
+        return -1;
+    }
+    if (value == Py_None) {
+        Py_DECREF(value);
+        value = PyObject_GetAttr(self->ids_module, str_global_rules);
+        if (value == NULL) {
+            return -1;
+        }
+    }
+    if (value != self->last_rules) {
+        PyObject *length = PyObject_GetAttr(value, str_safe_length);
+        if (length == NULL) {
+            Py_DECREF(value);
+            return -1;
+        }
+        Py_ssize_t n = PyLong_AsSsize_t(length);
+        Py_DECREF(length);
+        if (n == -1 && PyErr_Occurred()) {
+            Py_DECREF(value);
+            return -1;
+        }
+        Py_INCREF(value);
+        Py_XSETREF(self->last_rules, value);
+        self->last_safe = n;
+    }
+    *rules = value;
+    *safe = self->last_safe;
+    return 0;
+}
+
+/* Accept one incoming id (raw bytes): a new str, or NULL with *value untouched when it is
+   replaced (NULL with an exception set on error). A long id of header characters is taken
+   as is, its bytes kept for the response header; anything else goes to _accept_id. */
+static int
+accept(Accelerator *self, PyObject *raw, PyObject *kind, PyObject *rules, Py_ssize_t safe,
+       PyObject **id, PyObject **header_value)
+{
+    Py_ssize_t len = PyBytes_GET_SIZE(raw);
+    if (len >= safe && len <= HEADER_ID_MAX) {
+        const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(raw);
+        Py_ssize_t i;
+        for (i = 0; i < len && id_char[s[i]]; i++) {
+        }
+        if (i == len) {
+            *id = PyUnicode_DecodeASCII((const char *)s, len, NULL);
+            if (*id == NULL) {
+                return -1;
+            }
+            *header_value = raw;
+            return 0;
+        }
+    }
+    PyObject *value = PyObject_CallFunctionObjArgs(self->accept_id, raw, kind, rules, NULL);
+    if (value == NULL) {
+        return -1;
+    }
+    if (value == Py_None) {
+        Py_DECREF(value);
+        return 0;
+    }
+    *id = value;
+    return 0;
+}
+
+static PyObject *
+Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "start() takes scope and send");
+        return NULL;
+    }
+    PyObject *scope = args[0], *send = args[1];
+    if (!PyDict_CheckExact(scope)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *outer = PyDict_GetItemWithError(scope, self->scope_key);
+    if (outer != NULL) {
+        Py_RETURN_NONE; /* nested inside another ContextMiddleware: the Python path */
+    }
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *headers = PyDict_GetItemWithError(scope, str_headers);
+    if (headers == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    PyObject **items;
+    Py_ssize_t n;
+    if (PyList_CheckExact(headers)) {
+        items = ((PyListObject *)headers)->ob_item;
+        n = PyList_GET_SIZE(headers);
+    }
+    else if (PyTuple_CheckExact(headers)) {
+        items = ((PyTupleObject *)headers)->ob_item;
+        n = PyTuple_GET_SIZE(headers);
+    }
+    else {
+        Py_RETURN_NONE;
+    }
+
+    /* The header scan. A repeated id or traceparent is ambiguous: b"" (refused later). */
+    PyObject *raw_rid = NULL, *raw_cid = NULL, *raw_trace = NULL;
+    PyObject *empty = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name, *value;
+        if (!unpack_pair(items[i], &name, &value)) {
+            Py_RETURN_NONE;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(name);
+        PyObject **slot = NULL;
+        if (self->rid_in != Py_None && same_bytes(name, self->rid_in)) {
+            slot = &raw_rid;
+        }
+        else if (self->cid_in != Py_None && same_bytes(name, self->cid_in)) {
+            slot = &raw_cid;
+        }
+        else if (len == 11 && bytes_equal(name, "traceparent", 11)) {
+            slot = &raw_trace;
+        }
+        if (slot != NULL) {
+            if (*slot == NULL) {
+                *slot = value;
+            }
+            else {
+                if (empty == NULL) {
+                    empty = PyBytes_FromStringAndSize(NULL, 0);
+                    if (empty == NULL) {
+                        return NULL;
+                    }
+                }
+                *slot = empty;
+            }
+        }
+    }
+    /* The header list holds the raw values (borrowed) until they are used below: nothing
+       before then runs Python code that could change it. Keep them alive regardless. */
+    Py_XINCREF(raw_rid);
+    Py_XINCREF(raw_cid);
+    Py_XINCREF(raw_trace);
+
+    PyObject *request_id = NULL, *correlation_id = NULL;
+    PyObject *rid_value = NULL, *cid_value = NULL; /* borrowed */
+    PyObject *result = NULL, *id_headers = NULL, *pending = NULL, *stack = NULL;
+    Exchange *ex = NULL;
+    if (raw_rid != NULL || raw_cid != NULL) {
+        PyObject *rules;
+        Py_ssize_t safe;
+        if (current_rules(self, &rules, &safe) < 0) {
+            goto done;
+        }
+        int failed = 0;
+        if (raw_rid != NULL) {
+            failed = accept(self, raw_rid, str_request, rules, safe, &request_id, &rid_value);
+        }
+        if (!failed && raw_cid != NULL) {
+            failed = accept(self, raw_cid, str_correlation, rules, safe, &correlation_id,
+                            &cid_value);
+        }
+        Py_DECREF(rules);
+        if (failed) {
+            goto done;
+        }
+    }
+    if (request_id == NULL) {
+        request_id = PyObject_CallNoArgs(self->generate_id);
+        if (request_id == NULL) {
+            goto done;
+        }
+        if (!PyUnicode_Check(request_id)) {
+            PyErr_SetString(PyExc_TypeError, "generate_id() must return a str");
+            goto done;
+        }
+    }
+    if (correlation_id == NULL) {
+        Py_INCREF(request_id);
+        correlation_id = request_id;
+        cid_value = rid_value;
+    }
+
+    /* The response's id headers: the accepted raw bytes, or the ids encoded. */
+    PyObject *rid_bytes, *cid_bytes;
+    if (rid_value != NULL) {
+        Py_INCREF(rid_value);
+        rid_bytes = rid_value;
+    }
+    else if ((rid_bytes = PyUnicode_AsASCIIString(request_id)) == NULL) {
+        goto done;
+    }
+    if (cid_value != NULL) {
+        Py_INCREF(cid_value);
+        cid_bytes = cid_value;
+    }
+    else if (correlation_id == request_id) {
+        Py_INCREF(rid_bytes);
+        cid_bytes = rid_bytes;
+    }
+    else if ((cid_bytes = PyUnicode_AsASCIIString(correlation_id)) == NULL) {
+        Py_DECREF(rid_bytes);
+        goto done;
+    }
+    id_headers = PyList_New(2);
+    PyObject *rid_pair = PyTuple_New(2), *cid_pair = PyTuple_New(2);
+    if (id_headers == NULL || rid_pair == NULL || cid_pair == NULL) {
+        Py_XDECREF(rid_pair);
+        Py_XDECREF(cid_pair);
+        Py_DECREF(rid_bytes);
+        Py_DECREF(cid_bytes);
+        goto done;
+    }
+    Py_INCREF(self->rid);
+    PyTuple_SET_ITEM(rid_pair, 0, self->rid);
+    PyTuple_SET_ITEM(rid_pair, 1, rid_bytes);
+    Py_INCREF(self->cid);
+    PyTuple_SET_ITEM(cid_pair, 0, self->cid);
+    PyTuple_SET_ITEM(cid_pair, 1, cid_bytes);
+    PyList_SET_ITEM(id_headers, 0, rid_pair);
+    PyList_SET_ITEM(id_headers, 1, cid_pair);
+
+    /* [None, build, (identity, permissions, features, request_id, correlation_id, trace,
+        thread_id, run_id, ws_id, created)]: see middleware._request_context. */
+    PyObject *created = PyObject_CallNoArgs(self->now);
+    if (created == NULL) {
+        goto done;
+    }
+    PyObject *build_args = PyTuple_New(10);
+    pending = PyList_New(4);
+    stack = PyList_New(0);
+    if (build_args == NULL || pending == NULL || stack == NULL) {
+        Py_XDECREF(build_args);
+        Py_DECREF(created);
+        goto done;
+    }
+    PyObject *fields[9] = {
+        Py_None, self->no_names, self->features, request_id, correlation_id,
+        raw_trace ? raw_trace : Py_None, Py_None, Py_None, Py_None,
+    };
+    for (int i = 0; i < 9; i++) {
+        Py_INCREF(fields[i]);
+        PyTuple_SET_ITEM(build_args, i, fields[i]);
+    }
+    PyTuple_SET_ITEM(build_args, 9, created);
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(pending, 0, Py_None);
+    Py_INCREF(self->build);
+    PyList_SET_ITEM(pending, 1, self->build);
+    PyList_SET_ITEM(pending, 2, build_args);
+    Py_INCREF(stack);
+    PyList_SET_ITEM(pending, 3, stack);
+    ex = PyObject_GC_New(Exchange, &Exchange_Type);
+    if (ex == NULL) {
+        goto done;
+    }
+    ex->vectorcall = Exchange_vectorcall;
+    ex->started = 0;
+    ex->finished = 1; /* until the ContextVar is set */
+    Py_INCREF(send);
+    ex->send = send;
+    ex->id_headers = id_headers;
+    id_headers = NULL;
+    Py_INCREF(self->rid);
+    ex->rid = self->rid;
+    Py_INCREF(self->cid);
+    ex->cid = self->cid;
+    Py_INCREF(self->names);
+    ex->names = self->names;
+    Py_INCREF(self->with_ids);
+    ex->with_ids = self->with_ids;
+    ex->ctx = pending;
+    pending = NULL;
+    ex->stack = stack;
+    stack = NULL;
+    Py_INCREF(self->closed);
+    ex->closed = self->closed;
+    Py_INCREF(self->current);
+    ex->current = self->current;
+    Py_INCREF(scope);
+    ex->scope = scope;
+    Py_INCREF(self->scope_key);
+    ex->scope_key = self->scope_key;
+    ex->ctx_token = NULL;
+    PyObject_GC_Track(ex);
+
+    /* For a ContextMiddleware nested inside this one; then the ContextVar. */
+    if (PyDict_SetItem(scope, self->scope_key, ex->ctx) < 0) {
+        goto done;
+    }
+    ex->ctx_token = PyContextVar_Set(self->current, ex->ctx);
+    if (ex->ctx_token == NULL) {
+        goto unkey;
+    }
+    ex->finished = 0;
+    result = (PyObject *)ex;
+    ex = NULL;
+    goto done;
+unkey: {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyDict_DelItem(scope, self->scope_key) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+    }
+done:
+    Py_XDECREF(ex);
+    Py_XDECREF(stack);
+    Py_XDECREF(pending);
+    Py_XDECREF(id_headers);
+    Py_XDECREF(request_id);
+    Py_XDECREF(correlation_id);
+    Py_XDECREF(raw_rid);
+    Py_XDECREF(raw_cid);
+    Py_XDECREF(raw_trace);
+    Py_XDECREF(empty);
+    return result;
+}
+
+static PyMethodDef Accelerator_methods[] = {
+    {"start", (PyCFunction)(void (*)(void))Accelerator_start, METH_FASTCALL,
+     "start(scope, send) -> Exchange | None: begin an anonymous http request."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject Accelerator_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "ctxvars_mw._speedups.Accelerator",
+    .tp_basicsize = sizeof(Accelerator),
+    .tp_dealloc = (destructor)Accelerator_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "ContextMiddleware's anonymous http path, configured once per middleware.",
+    .tp_traverse = (traverseproc)Accelerator_traverse,
+    .tp_clear = (inquiry)Accelerator_clear,
+    .tp_methods = Accelerator_methods,
+    .tp_init = (initproc)Accelerator_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------ */
+
+static int
+intern(PyObject **slot, const char *text)
+{
+    *slot = PyUnicode_InternFromString(text);
+    return *slot == NULL ? -1 : 0;
+}
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "ctxvars_mw._speedups",
+    .m_doc = "ContextMiddleware's anonymous http path in C (optional; see middleware.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    init_id_chars();
+    if (intern(&str_type, "type") < 0 || intern(&str_headers, "headers") < 0
+        || intern(&str_start, "http.response.start") < 0
+        || intern(&str_global_rules, "_global_rules") < 0
+        || intern(&str_safe_length, "_safe_length") < 0 || intern(&str_request, "request") < 0
+        || intern(&str_correlation, "correlation") < 0) {
+        return NULL;
+    }
+    empty_tuple = PyTuple_New(0);
+    if (empty_tuple == NULL) {
+        return NULL;
+    }
+    if (PyType_Ready(&Exchange_Type) < 0 || PyType_Ready(&Accelerator_Type) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&speedups_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObjectRef(module, "Exchange", (PyObject *)&Exchange_Type) < 0
+        || PyModule_AddObjectRef(module, "Accelerator", (PyObject *)&Accelerator_Type) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
