@@ -1,18 +1,21 @@
 /*
- * ctxvars_mw._speedups: ContextMiddleware's anonymous http path in C.
+ * ctxvars_mw._speedups: ContextMiddleware's http path in C.
  *
  * Optional. ctxvars_mw/middleware.py holds the reference implementation in Python and uses
  * this module only when it was built (and CTXVARS_MW_NO_EXTENSIONS is not set); the test
  * suite runs the middleware's tests against both. Everything here mirrors that Python code
- * step by step, and hands anything unusual back to it:
+ * step by step, and hands anything unusual back to it. Authentication stays in Python.
  *
  *   Accelerator.start(scope, send) -> Exchange | None
  *       None when the Python path must handle the request (a scope that is not a plain dict,
  *       headers that are not a list/tuple of (bytes, bytes) pairs, a nested middleware).
  *       Otherwise: scans the request headers, accepts or generates the request/correlation
- *       ids (short or odd ids go to the Python _accept_id), makes the request's frame
- *       [None, build, args, cleanups] (see current.py), hands it to a nested middleware
- *       through the scope, sets the ContextVar, and returns the Exchange.
+ *       ids (short or odd ids go to the Python _accept_id) and returns the Exchange. For a
+ *       middleware without an authenticator it also enters the request (below); with one,
+ *       Exchange.authorization holds the Authorization header values for Python to check.
+ *   Exchange.enter(identity, permissions, features)
+ *       makes the request's frame [None, build, args, cleanups] (see current.py), hands it
+ *       to a nested middleware through the scope, and sets the ContextVar.
  *   Exchange(message)
  *       the app's send: sets the id headers on http.response.start (any header list it does
  *       not understand goes through the Python _with_ids), then calls the server's send.
@@ -73,65 +76,90 @@ unpack_pair(PyObject *item, PyObject **name, PyObject **value)
 }
 
 /* ------------------------------------------------------------------------------------ */
-/* Exchange: one request's send wrapper and state                                        */
+/* The types                                                                              */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *rid_in;      /* the request header names read (None: incoming ids ignored) */
+    PyObject *cid_in;
+    PyObject *rid;         /* the response header names */
+    PyObject *cid;
+    PyObject *names;       /* frozenset({rid, cid}) */
+    PyObject *features;    /* the anonymous tier's features */
+    PyObject *no_names;    /* the empty frozenset */
+    PyObject *build;       /* middleware._request_context */
+    PyObject *accept_id;   /* middleware._accept_id(raw, kind, rules) */
+    PyObject *with_ids;    /* middleware._with_ids(headers, id_headers, names) */
+    PyObject *generate_id; /* ids.generate_id */
+    PyObject *now;         /* time.time */
+    PyObject *rules_var;   /* ids._rules_var */
+    PyObject *ids_module;  /* for ids._global_rules */
+    PyObject *current;     /* current._current */
+    PyObject *closed;      /* resources._closed */
+    PyObject *scope_key;
+    PyObject *last_rules;  /* the rules whose _safe_length is last_safe */
+    Py_ssize_t last_safe;
+    int authenticate;      /* collect Authorization headers and leave entering to Python */
+} Accelerator;
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *send;        /* the server's send */
-    PyObject *id_headers;  /* [(rid name, value), (cid name, value)] */
-    PyObject *rid;         /* the response header names, lowercase bytes */
-    PyObject *cid;
-    PyObject *names;       /* frozenset({rid, cid}), for with_ids */
-    PyObject *with_ids;    /* middleware._with_ids(headers, id_headers, names) */
-    PyObject *ctx;         /* the request's frame (pending context and cleanups) */
-    PyObject *stack;       /* the request's cleanups */
-    PyObject *closed;      /* resources._closed */
-    PyObject *current;     /* the context ContextVar and its token */
-    PyObject *ctx_token;
-    PyObject *scope;       /* to drop the hand-off key from */
-    PyObject *scope_key;
+    Accelerator *acc;
+    PyObject *send;           /* the server's send */
+    PyObject *scope;
+    PyObject *id_headers;     /* [(rid name, value), (cid name, value)] */
+    PyObject *request_id;     /* str */
+    PyObject *correlation_id; /* str */
+    PyObject *trace;          /* the raw traceparent (bytes) or None */
+    PyObject *authorization;  /* the Authorization header values (list), or NULL */
+    PyObject *ctx;            /* once entered: the request's frame */
+    PyObject *stack;          /* ... its cleanup list */
+    PyObject *ctx_token;      /* ... and the ContextVar's token */
     char started;
+    char entered;
     char finished;
 } Exchange;
 
 static PyTypeObject Exchange_Type;
+static PyTypeObject Accelerator_Type;
+static PyObject *str_type, *str_headers, *str_start, *empty_tuple;
+static PyObject *str_global_rules, *str_safe_length, *str_request, *str_correlation;
+
+/* ------------------------------------------------------------------------------------ */
+/* Exchange: one request's send wrapper and state                                        */
 
 static int
 Exchange_traverse(Exchange *self, visitproc visit, void *arg)
 {
+    Py_VISIT(self->acc);
     Py_VISIT(self->send);
+    Py_VISIT(self->scope);
     Py_VISIT(self->id_headers);
-    Py_VISIT(self->rid);
-    Py_VISIT(self->cid);
-    Py_VISIT(self->names);
-    Py_VISIT(self->with_ids);
+    Py_VISIT(self->request_id);
+    Py_VISIT(self->correlation_id);
+    Py_VISIT(self->trace);
+    Py_VISIT(self->authorization);
     Py_VISIT(self->ctx);
     Py_VISIT(self->stack);
-    Py_VISIT(self->closed);
-    Py_VISIT(self->current);
     Py_VISIT(self->ctx_token);
-    Py_VISIT(self->scope);
-    Py_VISIT(self->scope_key);
     return 0;
 }
 
 static int
 Exchange_clear(Exchange *self)
 {
+    Py_CLEAR(self->acc);
     Py_CLEAR(self->send);
+    Py_CLEAR(self->scope);
     Py_CLEAR(self->id_headers);
-    Py_CLEAR(self->rid);
-    Py_CLEAR(self->cid);
-    Py_CLEAR(self->names);
-    Py_CLEAR(self->with_ids);
+    Py_CLEAR(self->request_id);
+    Py_CLEAR(self->correlation_id);
+    Py_CLEAR(self->trace);
+    Py_CLEAR(self->authorization);
     Py_CLEAR(self->ctx);
     Py_CLEAR(self->stack);
-    Py_CLEAR(self->closed);
-    Py_CLEAR(self->current);
     Py_CLEAR(self->ctx_token);
-    Py_CLEAR(self->scope);
-    Py_CLEAR(self->scope_key);
     return 0;
 }
 
@@ -158,8 +186,8 @@ headers_with_ids(Exchange *self, PyObject *headers)
         n = PyTuple_GET_SIZE(headers);
     }
     else {
-        return PyObject_CallFunctionObjArgs(self->with_ids, headers, self->id_headers,
-                                            self->names, NULL);
+        return PyObject_CallFunctionObjArgs(self->acc->with_ids, headers, self->id_headers,
+                                            self->acc->names, NULL);
     }
     for (i = 0; i < n; i++) {
         PyObject *name, *value;
@@ -168,7 +196,7 @@ headers_with_ids(Exchange *self, PyObject *headers)
         }
         /* One of ours set by the app, or a name that is not lowercase (which lower() could
            turn into one of ours): the general path drops them, as the Python path does. */
-        if (same_bytes(name, self->rid) || same_bytes(name, self->cid)) {
+        if (same_bytes(name, self->acc->rid) || same_bytes(name, self->acc->cid)) {
             goto general;
         }
         const char *s = PyBytes_AS_STRING(name);
@@ -194,11 +222,9 @@ headers_with_ids(Exchange *self, PyObject *headers)
     }
     return out;
 general:
-    return PyObject_CallFunctionObjArgs(self->with_ids, headers, self->id_headers, self->names,
+    return PyObject_CallFunctionObjArgs(self->acc->with_ids, headers, self->id_headers, self->acc->names,
                                         NULL);
 }
-
-static PyObject *str_type, *str_headers, *str_start, *empty_tuple;
 
 static PyObject *
 Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -264,16 +290,99 @@ Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject
     return PyObject_Vectorcall(self->send, args, 1, NULL);
 }
 
+/* Enter the request: the frame [None, build, (identity, permissions, features, request_id,
+   correlation_id, trace, thread_id, run_id, ws_id, created), cleanups] (see
+   middleware._request_context), the scope key, the ContextVar. 0, or -1 with an error. */
+static int
+enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *features)
+{
+    Accelerator *acc = self->acc;
+    if (self->entered) {
+        PyErr_SetString(PyExc_RuntimeError, "this request was entered already");
+        return -1;
+    }
+    PyObject *created = PyObject_CallNoArgs(acc->now);
+    if (created == NULL) {
+        return -1;
+    }
+    PyObject *build_args = PyTuple_New(10);
+    PyObject *frame = PyList_New(4);
+    PyObject *stack = PyList_New(0);
+    if (build_args == NULL || frame == NULL || stack == NULL) {
+        Py_DECREF(created);
+        goto fail;
+    }
+    PyObject *fields[9] = {
+        identity, permissions, features, self->request_id, self->correlation_id, self->trace,
+        Py_None, Py_None, Py_None,
+    };
+    for (int i = 0; i < 9; i++) {
+        Py_INCREF(fields[i]);
+        PyTuple_SET_ITEM(build_args, i, fields[i]);
+    }
+    PyTuple_SET_ITEM(build_args, 9, created);
+    Py_INCREF(Py_None);
+    PyList_SET_ITEM(frame, 0, Py_None);
+    Py_INCREF(acc->build);
+    PyList_SET_ITEM(frame, 1, acc->build);
+    PyList_SET_ITEM(frame, 2, build_args);
+    build_args = NULL;
+    Py_INCREF(stack);
+    PyList_SET_ITEM(frame, 3, stack);
+    /* For a ContextMiddleware nested inside this one; then the ContextVar. */
+    if (PyDict_SetItem(self->scope, acc->scope_key, frame) < 0) {
+        goto fail;
+    }
+    PyObject *token = PyContextVar_Set(acc->current, frame);
+    if (token == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (PyDict_DelItem(self->scope, acc->scope_key) < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        goto fail;
+    }
+    self->ctx = frame;
+    self->stack = stack;
+    self->ctx_token = token;
+    self->entered = 1;
+    self->finished = 0;
+    return 0;
+fail:
+    Py_XDECREF(build_args);
+    Py_XDECREF(frame);
+    Py_XDECREF(stack);
+    return -1;
+}
+
+static PyObject *
+Exchange_enter(Exchange *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "enter() takes identity, permissions and features");
+        return NULL;
+    }
+    if (!PyFrozenSet_Check(args[1]) || !PyFrozenSet_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "permissions and features must be frozensets");
+        return NULL;
+    }
+    if (enter(self, args[0], args[1], args[2]) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->finished) {
-        PyErr_SetString(PyExc_RuntimeError, "this request is finished already");
+    if (!self->entered || self->finished) {
+        PyErr_SetString(PyExc_RuntimeError, "this request is not entered, or finished already");
         return NULL;
     }
     self->finished = 1;
     /* scope.pop(key, None): the app may have dropped the key itself. */
-    if (PyDict_Check(self->scope) && PyDict_DelItem(self->scope, self->scope_key) < 0) {
+    if (PyDict_DelItem(self->scope, self->acc->scope_key) < 0) {
         if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
             return NULL;
         }
@@ -281,10 +390,10 @@ Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
     }
     /* Both steps run; the first error is the one raised. */
     PyObject *type = NULL, *value = NULL, *tb = NULL;
-    if (PyContextVar_Reset(self->current, self->ctx_token) < 0) {
+    if (PyContextVar_Reset(self->acc->current, self->ctx_token) < 0) {
         PyErr_Fetch(&type, &value, &tb);
     }
-    if (PyList_Append(self->stack, self->closed) < 0) {
+    if (PyList_Append(self->stack, self->acc->closed) < 0) {
         if (type == NULL) {
             PyErr_Fetch(&type, &value, &tb);
         }
@@ -304,6 +413,8 @@ Exchange_get_started(Exchange *self, void *Py_UNUSED(closure))
 }
 
 static PyMethodDef Exchange_methods[] = {
+    {"enter", (PyCFunction)(void (*)(void))Exchange_enter, METH_FASTCALL,
+     "enter(identity, permissions, features): make the request's context current."},
     {"finish", (PyCFunction)Exchange_finish, METH_NOARGS,
      "Drop the scope key, reset the context and close the cleanup list (once)."},
     {NULL, NULL, 0, NULL},
@@ -312,7 +423,9 @@ static PyMethodDef Exchange_methods[] = {
 static PyMemberDef Exchange_members[] = {
     {"id_headers", T_OBJECT, offsetof(Exchange, id_headers), READONLY,
      "the response's id headers"},
-    {"ctx", T_OBJECT, offsetof(Exchange, ctx), READONLY, "the pending context"},
+    {"authorization", T_OBJECT, offsetof(Exchange, authorization), READONLY,
+     "the Authorization header values (None: the middleware has no authenticator)"},
+    {"ctx", T_OBJECT, offsetof(Exchange, ctx), READONLY, "the request's frame, once entered"},
     {"stack", T_OBJECT, offsetof(Exchange, stack), READONLY, "the request's cleanups"},
     {NULL, 0, 0, 0, NULL},
 };
@@ -340,29 +453,6 @@ static PyTypeObject Exchange_Type = {
 
 /* ------------------------------------------------------------------------------------ */
 /* Accelerator: one per ContextMiddleware                                                 */
-
-typedef struct {
-    PyObject_HEAD
-    PyObject *rid_in;      /* the request header names read (None: incoming ids ignored) */
-    PyObject *cid_in;
-    PyObject *rid;         /* the response header names */
-    PyObject *cid;
-    PyObject *names;
-    PyObject *features;    /* the anonymous tier's features */
-    PyObject *no_names;    /* the empty frozenset */
-    PyObject *build;       /* middleware._request_context */
-    PyObject *accept_id;   /* middleware._accept_id(raw, kind, rules) */
-    PyObject *with_ids;    /* middleware._with_ids */
-    PyObject *generate_id; /* ids.generate_id */
-    PyObject *now;         /* time.time */
-    PyObject *rules_var;   /* ids._rules_var */
-    PyObject *ids_module;  /* for ids._global_rules */
-    PyObject *current;     /* current._current */
-    PyObject *closed;      /* resources._closed */
-    PyObject *scope_key;
-    PyObject *last_rules;  /* the rules whose _safe_length is last_safe */
-    Py_ssize_t last_safe;
-} Accelerator;
 
 static int
 Accelerator_traverse(Accelerator *self, visitproc visit, void *arg)
@@ -420,24 +510,26 @@ Accelerator_dealloc(Accelerator *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+#define N_OPTIONS 18
+
 static int
 Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {
         "rid_in", "cid_in", "rid", "cid", "names", "features", "no_names", "build",
         "accept_id", "with_ids", "generate_id", "now", "rules_var", "ids_module", "current",
-        "closed", "scope_key", NULL,
+        "closed", "scope_key", "authenticate", NULL,
     };
-    PyObject *o[17] = {NULL};
+    PyObject *o[N_OPTIONS] = {NULL};
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OU", kwlist, &o[0], &o[1], &PyBytes_Type,
+            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OUO!", kwlist, &o[0], &o[1], &PyBytes_Type,
             &o[2], &PyBytes_Type, &o[3], &PyFrozenSet_Type, &o[4], &PyFrozenSet_Type, &o[5],
             &PyFrozenSet_Type, &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
             &PyContextVar_Type, &o[12], &o[13], &PyContextVar_Type, &o[14], &o[15],
-            &o[16])) {
+            &o[16], &PyBool_Type, &o[17])) {
         return -1;
     }
-    for (int i = 0; i < 17; i++) {
+    for (int i = 0; i < N_OPTIONS; i++) {
         if (o[i] == NULL) {
             PyErr_Format(PyExc_TypeError, "Accelerator() needs %s", kwlist[i]);
             return -1;
@@ -449,21 +541,20 @@ Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
-    PyObject **slots[] = {
+    PyObject **slots[N_OPTIONS - 1] = {
         &self->rid_in, &self->cid_in, &self->rid, &self->cid, &self->names, &self->features,
         &self->no_names, &self->build, &self->accept_id, &self->with_ids, &self->generate_id,
         &self->now, &self->rules_var, &self->ids_module, &self->current, &self->closed,
         &self->scope_key,
     };
-    for (int i = 0; i < 17; i++) {
+    for (int i = 0; i < N_OPTIONS - 1; i++) {
         Py_INCREF(o[i]);
         Py_XSETREF(*slots[i], o[i]);
     }
+    self->authenticate = o[17] == Py_True;
     Py_CLEAR(self->last_rules);
     return 0;
 }
-
-static PyObject *str_global_rules, *str_safe_length, *str_request, *str_correlation;
 
 /* The id rules in force (ids.get_id_rules()) and their _safe_length. */
 static int
@@ -574,12 +665,18 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
 
-    /* The header scan. A repeated id or traceparent is ambiguous: b"" (refused later). */
+    /* The header scan, all checks first: nothing is allocated before the request is ours.
+       A repeated id or traceparent is ambiguous: b"" (refused later). */
+    PyObject *empty = PyBytes_FromStringAndSize(NULL, 0); /* the b"" singleton */
+    if (empty == NULL) {
+        return NULL;
+    }
     PyObject *raw_rid = NULL, *raw_cid = NULL, *raw_trace = NULL;
-    PyObject *empty = NULL;
+    int any_auth = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *name, *value;
         if (!unpack_pair(items[i], &name, &value)) {
+            Py_DECREF(empty);
             Py_RETURN_NONE;
         }
         Py_ssize_t len = PyBytes_GET_SIZE(name);
@@ -593,63 +690,92 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
         else if (len == 11 && bytes_equal(name, "traceparent", 11)) {
             slot = &raw_trace;
         }
+        else if (len == 13 && self->authenticate && bytes_equal(name, "authorization", 13)) {
+            any_auth = 1;
+        }
         if (slot != NULL) {
-            if (*slot == NULL) {
-                *slot = value;
-            }
-            else {
-                if (empty == NULL) {
-                    empty = PyBytes_FromStringAndSize(NULL, 0);
-                    if (empty == NULL) {
-                        return NULL;
-                    }
-                }
-                *slot = empty;
-            }
+            *slot = *slot == NULL ? value : empty;
         }
     }
-    /* The header list holds the raw values (borrowed) until they are used below: nothing
-       before then runs Python code that could change it. Keep them alive regardless. */
+    /* Strong references before anything is allocated: an allocation may run the garbage
+       collector, and with it finalizers that could, in theory, change the header list. */
     Py_XINCREF(raw_rid);
     Py_XINCREF(raw_cid);
     Py_XINCREF(raw_trace);
+    Py_INCREF(headers);
 
-    PyObject *request_id = NULL, *correlation_id = NULL;
-    PyObject *rid_value = NULL, *cid_value = NULL; /* borrowed */
-    PyObject *result = NULL, *id_headers = NULL, *pending = NULL, *stack = NULL;
-    Exchange *ex = NULL;
+    Exchange *ex = PyObject_GC_New(Exchange, &Exchange_Type);
+    if (ex == NULL) {
+        goto fail_raw;
+    }
+    ex->vectorcall = Exchange_vectorcall;
+    ex->started = ex->entered = 0;
+    ex->finished = 1;
+    Py_INCREF(self);
+    ex->acc = self;
+    Py_INCREF(send);
+    ex->send = send;
+    Py_INCREF(scope);
+    ex->scope = scope;
+    ex->id_headers = ex->request_id = ex->correlation_id = ex->trace = NULL;
+    ex->authorization = ex->ctx = ex->stack = ex->ctx_token = NULL;
+    PyObject_GC_Track(ex);
+
+    /* From here on, ex owns what is made (dropping ex on error releases it all). */
+    ex->trace = raw_trace != NULL ? raw_trace : Py_None;
+    Py_INCREF(ex->trace);
+    if (self->authenticate) {
+        ex->authorization = PyList_New(0);
+        if (ex->authorization == NULL) {
+            goto fail_ex;
+        }
+        /* Read again, bounds checked on every step (see above); appending runs no code. */
+        for (Py_ssize_t i = 0; any_auth && i < Py_SIZE(headers); i++) {
+            PyObject *item = PyList_CheckExact(headers) ? PyList_GET_ITEM(headers, i)
+                                                        : PyTuple_GET_ITEM(headers, i);
+            PyObject *name, *value;
+            if (unpack_pair(item, &name, &value) && PyBytes_GET_SIZE(name) == 13
+                && bytes_equal(name, "authorization", 13)
+                && PyList_Append(ex->authorization, value) < 0) {
+                goto fail_ex;
+            }
+        }
+    }
+
+    PyObject *rid_value = NULL, *cid_value = NULL; /* borrowed: accepted raw bytes */
     if (raw_rid != NULL || raw_cid != NULL) {
         PyObject *rules;
         Py_ssize_t safe;
         if (current_rules(self, &rules, &safe) < 0) {
-            goto done;
+            goto fail_ex;
         }
         int failed = 0;
         if (raw_rid != NULL) {
-            failed = accept(self, raw_rid, str_request, rules, safe, &request_id, &rid_value);
+            failed = accept(self, raw_rid, str_request, rules, safe, &ex->request_id,
+                            &rid_value);
         }
         if (!failed && raw_cid != NULL) {
-            failed = accept(self, raw_cid, str_correlation, rules, safe, &correlation_id,
+            failed = accept(self, raw_cid, str_correlation, rules, safe, &ex->correlation_id,
                             &cid_value);
         }
         Py_DECREF(rules);
         if (failed) {
-            goto done;
+            goto fail_ex;
         }
     }
-    if (request_id == NULL) {
-        request_id = PyObject_CallNoArgs(self->generate_id);
-        if (request_id == NULL) {
-            goto done;
+    if (ex->request_id == NULL) {
+        ex->request_id = PyObject_CallNoArgs(self->generate_id);
+        if (ex->request_id == NULL) {
+            goto fail_ex;
         }
-        if (!PyUnicode_Check(request_id)) {
+        if (!PyUnicode_Check(ex->request_id)) {
             PyErr_SetString(PyExc_TypeError, "generate_id() must return a str");
-            goto done;
+            goto fail_ex;
         }
     }
-    if (correlation_id == NULL) {
-        Py_INCREF(request_id);
-        correlation_id = request_id;
+    if (ex->correlation_id == NULL) {
+        Py_INCREF(ex->request_id);
+        ex->correlation_id = ex->request_id;
         cid_value = rid_value;
     }
 
@@ -659,29 +785,30 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
         Py_INCREF(rid_value);
         rid_bytes = rid_value;
     }
-    else if ((rid_bytes = PyUnicode_AsASCIIString(request_id)) == NULL) {
-        goto done;
+    else if ((rid_bytes = PyUnicode_AsASCIIString(ex->request_id)) == NULL) {
+        goto fail_ex;
     }
     if (cid_value != NULL) {
         Py_INCREF(cid_value);
         cid_bytes = cid_value;
     }
-    else if (correlation_id == request_id) {
+    else if (ex->correlation_id == ex->request_id) {
         Py_INCREF(rid_bytes);
         cid_bytes = rid_bytes;
     }
-    else if ((cid_bytes = PyUnicode_AsASCIIString(correlation_id)) == NULL) {
+    else if ((cid_bytes = PyUnicode_AsASCIIString(ex->correlation_id)) == NULL) {
         Py_DECREF(rid_bytes);
-        goto done;
+        goto fail_ex;
     }
-    id_headers = PyList_New(2);
+    PyObject *id_headers = PyList_New(2);
     PyObject *rid_pair = PyTuple_New(2), *cid_pair = PyTuple_New(2);
     if (id_headers == NULL || rid_pair == NULL || cid_pair == NULL) {
+        Py_XDECREF(id_headers);
         Py_XDECREF(rid_pair);
         Py_XDECREF(cid_pair);
         Py_DECREF(rid_bytes);
         Py_DECREF(cid_bytes);
-        goto done;
+        goto fail_ex;
     }
     Py_INCREF(self->rid);
     PyTuple_SET_ITEM(rid_pair, 0, self->rid);
@@ -691,108 +818,30 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     PyTuple_SET_ITEM(cid_pair, 1, cid_bytes);
     PyList_SET_ITEM(id_headers, 0, rid_pair);
     PyList_SET_ITEM(id_headers, 1, cid_pair);
-
-    /* [None, build, (identity, permissions, features, request_id, correlation_id, trace,
-        thread_id, run_id, ws_id, created)]: see middleware._request_context. */
-    PyObject *created = PyObject_CallNoArgs(self->now);
-    if (created == NULL) {
-        goto done;
-    }
-    PyObject *build_args = PyTuple_New(10);
-    pending = PyList_New(4);
-    stack = PyList_New(0);
-    if (build_args == NULL || pending == NULL || stack == NULL) {
-        Py_XDECREF(build_args);
-        Py_DECREF(created);
-        goto done;
-    }
-    PyObject *fields[9] = {
-        Py_None, self->no_names, self->features, request_id, correlation_id,
-        raw_trace ? raw_trace : Py_None, Py_None, Py_None, Py_None,
-    };
-    for (int i = 0; i < 9; i++) {
-        Py_INCREF(fields[i]);
-        PyTuple_SET_ITEM(build_args, i, fields[i]);
-    }
-    PyTuple_SET_ITEM(build_args, 9, created);
-    Py_INCREF(Py_None);
-    PyList_SET_ITEM(pending, 0, Py_None);
-    Py_INCREF(self->build);
-    PyList_SET_ITEM(pending, 1, self->build);
-    PyList_SET_ITEM(pending, 2, build_args);
-    Py_INCREF(stack);
-    PyList_SET_ITEM(pending, 3, stack);
-    ex = PyObject_GC_New(Exchange, &Exchange_Type);
-    if (ex == NULL) {
-        goto done;
-    }
-    ex->vectorcall = Exchange_vectorcall;
-    ex->started = 0;
-    ex->finished = 1; /* until the ContextVar is set */
-    Py_INCREF(send);
-    ex->send = send;
     ex->id_headers = id_headers;
-    id_headers = NULL;
-    Py_INCREF(self->rid);
-    ex->rid = self->rid;
-    Py_INCREF(self->cid);
-    ex->cid = self->cid;
-    Py_INCREF(self->names);
-    ex->names = self->names;
-    Py_INCREF(self->with_ids);
-    ex->with_ids = self->with_ids;
-    ex->ctx = pending;
-    pending = NULL;
-    ex->stack = stack;
-    stack = NULL;
-    Py_INCREF(self->closed);
-    ex->closed = self->closed;
-    Py_INCREF(self->current);
-    ex->current = self->current;
-    Py_INCREF(scope);
-    ex->scope = scope;
-    Py_INCREF(self->scope_key);
-    ex->scope_key = self->scope_key;
-    ex->ctx_token = NULL;
-    PyObject_GC_Track(ex);
 
-    /* For a ContextMiddleware nested inside this one; then the ContextVar. */
-    if (PyDict_SetItem(scope, self->scope_key, ex->ctx) < 0) {
-        goto done;
+    /* Anonymous (no authenticator): FREE, no roles, the free tier's features. */
+    if (!self->authenticate && enter(ex, Py_None, self->no_names, self->features) < 0) {
+        goto fail_ex;
     }
-    ex->ctx_token = PyContextVar_Set(self->current, ex->ctx);
-    if (ex->ctx_token == NULL) {
-        goto unkey;
-    }
-    ex->finished = 0;
-    result = (PyObject *)ex;
-    ex = NULL;
+    PyObject *result = (PyObject *)ex;
     goto done;
-unkey: {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        if (PyDict_DelItem(scope, self->scope_key) < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(type, value, tb);
-    }
+fail_ex:
+    Py_DECREF(ex);
+fail_raw:
+    result = NULL;
 done:
-    Py_XDECREF(ex);
-    Py_XDECREF(stack);
-    Py_XDECREF(pending);
-    Py_XDECREF(id_headers);
-    Py_XDECREF(request_id);
-    Py_XDECREF(correlation_id);
     Py_XDECREF(raw_rid);
     Py_XDECREF(raw_cid);
     Py_XDECREF(raw_trace);
-    Py_XDECREF(empty);
+    Py_DECREF(headers);
+    Py_DECREF(empty);
     return result;
 }
 
 static PyMethodDef Accelerator_methods[] = {
     {"start", (PyCFunction)(void (*)(void))Accelerator_start, METH_FASTCALL,
-     "start(scope, send) -> Exchange | None: begin an anonymous http request."},
+     "start(scope, send) -> Exchange | None: begin an http request."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -802,7 +851,7 @@ static PyTypeObject Accelerator_Type = {
     .tp_basicsize = sizeof(Accelerator),
     .tp_dealloc = (destructor)Accelerator_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "ContextMiddleware's anonymous http path, configured once per middleware.",
+    .tp_doc = "ContextMiddleware's http path, configured once per middleware.",
     .tp_traverse = (traverseproc)Accelerator_traverse,
     .tp_clear = (inquiry)Accelerator_clear,
     .tp_methods = Accelerator_methods,

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
 from hashlib import sha256 as _sha256
 from time import time as _time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import ids as _ids
 from ._memo import remember
@@ -71,6 +71,8 @@ _JSON_500 = b'{"error":"server_error","error_description":"Internal server error
 # The optional C accelerator (ctxvars_mw/_speedups.c) runs the anonymous http path: the
 # same steps as the Python below, several times faster. Without a compiler at install time,
 # or with CTXVARS_MW_NO_EXTENSIONS set, everything runs here in Python, with the same result.
+if TYPE_CHECKING:
+    from ._speedups import Exchange as _Exchange
 _Accelerator: Any
 try:
     from ._speedups import Accelerator as _Accelerator
@@ -178,8 +180,9 @@ class ContextMiddleware:
             else None
         )
         self._resolved: dict[int, tuple[Identity, IdRules, frozenset[str], frozenset[str]]] = {}
-        # The C path takes the requests that need no authenticator and no baggage: the
-        # anonymous http request, start to finish (see _speedups.c; None: Python only).
+        # The C path takes http requests when no baggage is trusted (see _speedups.c; None:
+        # Python only): the anonymous ones start to finish; with an authenticator, the
+        # caller is still found here, in Python, between its start() and enter().
         self._start = (
             _Accelerator(
                 rid_in=self._rid_in, cid_in=self._cid_in, rid=self._rid, cid=self._cid,
@@ -187,9 +190,9 @@ class ContextMiddleware:
                 build=_request_context, accept_id=_accept_id, with_ids=_with_ids,
                 generate_id=generate_id, now=_time, rules_var=_ids._rules_var,
                 ids_module=_ids, current=_current, closed=_closed,
-                scope_key=_SCOPE_CTX,
+                scope_key=_SCOPE_CTX, authenticate=authenticator is not None,
             ).start
-            if _Accelerator is not None and authenticator is None and not trust_incoming_baggage
+            if _Accelerator is not None and not trust_incoming_baggage
             else None
         )  # fmt: skip
 
@@ -202,6 +205,10 @@ class ContextMiddleware:
         elif self._start is not None:
             exchange = self._start(scope, send)
             if exchange is not None:  # the C path took it (None: it needs the one below)
+                if exchange.authorization is not None and not await self._enter_caller(
+                    scope, receive, send, exchange
+                ):
+                    return  # refused (401/403/503 sent)
                 try:
                     await self.app(scope, receive, exchange)
                 except (AuthenticationError, PermissionDeniedError) as exc:
@@ -291,20 +298,9 @@ class ContextMiddleware:
         args: tuple[Any, ...]
         if auth_headers is not None:
             try:
-                jwt = self._jwt
                 digest = None
-                if (
-                    jwt is not None
-                    and len(auth_headers) == 1
-                    and scope_type == "http"
-                    and auth_headers[0][:7].lower() == b"bearer "
-                ):
-                    # The usual request: one Authorization header, a bearer token. A token
-                    # whose digest the verified-token cache holds passed every check when it
-                    # was verified (the same bytes), so a hit needs nothing more; a miss
-                    # takes the full path with the digest (of the token it will find).
-                    digest = _sha256(auth_headers[0][7:].strip(b" ")).digest()
-                    identity = jwt._cache.get(digest)
+                if scope_type == "http":
+                    identity, digest = self._cached(auth_headers)
                 if identity is None:
                     identity, subprotocol_token = await self._identify(
                         scope, auth_headers, protocols, digest
@@ -394,6 +390,40 @@ class ContextMiddleware:
                 stack.append(_closed)
 
     # -- authentication ---------------------------------------------------------------------
+
+    async def _enter_caller(
+        self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange
+    ) -> bool:
+        """The C path with an authenticator: find the caller, as the Python path does, and
+        enter the request as them; False when the request was refused (the answer sent)."""
+        auth = exchange.authorization
+        assert auth is not None
+        try:
+            identity, digest = self._cached(auth)
+            if identity is None:
+                identity, _ = await self._identify(scope, auth, None, digest)
+            if identity is None:
+                exchange.enter(None, _NO_NAMES, self._anonymous_features)
+                return True
+            permissions, features = self._resolve(identity)
+            if identity.session_id is not None and self.session_store is not None:
+                await self._check_session(identity.session_id, identity.user_id)
+        except _HTTPError as exc:
+            await _reject(scope, receive, send, exc, exchange.id_headers, bool(auth), True)
+            return False
+        exchange.enter(identity, permissions, features)
+        return True
+
+    def _cached(self, auth_headers: list[bytes]) -> tuple[Identity | None, bytes | None]:
+        """The usual http request: one Authorization header, a bearer token. A token whose
+        digest the verified-token cache holds passed every check when it was verified (the
+        same bytes), so a hit needs nothing more; a miss takes the full path with the digest
+        (of the token it will find). Returns the cached identity (or None) and the digest."""
+        jwt = self._jwt
+        if jwt is not None and len(auth_headers) == 1 and auth_headers[0][:7].lower() == b"bearer ":
+            digest = _sha256(auth_headers[0][7:].strip(b" ")).digest()
+            return jwt._cache.get(digest), digest
+        return None, None
 
     def _find_token(
         self, scope: Scope, auth_headers: list[bytes], protocols: bytes | None

@@ -46,6 +46,9 @@ from tests.auth_helpers import (
     sign,
 )
 
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 __all__ = ["auth_server", "control"]  # fixtures used here
 
 HOUR = 3600.0

@@ -41,6 +41,9 @@ from ctxvars_mw.testing import ContextRegistry
 from tests.apps.isolation_app import token_for
 from tests.servers import free_port, uvicorn_server, wait_for_port
 
+# Every test here runs against the C accelerator and the pure-Python path (conftest).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 KEY = b"k" * 16 + bytes(range(16))
 USER = "auth0|5f7c8ec7c33c6c004bbafe82"
 RECOVERY_BOUND = 5.0  # seconds; the target is 2 s, the bound is generous for shared CI cores

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import sys
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,12 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctxvars_mw.middleware as middleware_module
-from ctxvars_mw import ContextMiddleware, get_context_or_none
+from ctxvars_mw import ContextMiddleware, JWTAuthenticator, get_context_or_none
 from ctxvars_mw.current import _current, get_context
 from ctxvars_mw.ids import IdRules, use_id_rules
 from ctxvars_mw.resources import _closed, _current_cleanups, attach_resource
 from ctxvars_mw.types import Message, Receive, Scope, Send
 
+from .auth_helpers import AUDIENCE, ISSUER, SECRET, claims, sign
 from .conftest import speedups_built
 
 if not speedups_built():  # pragma: no cover - depends on the build
@@ -46,7 +49,7 @@ def scope_of(headers: Any) -> Scope:
 
 async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
     ctx = get_context()
-    body = "|".join([ctx.user_id, ctx.request_id, ctx.correlation_id, str(ctx.trace_id)])
+    body = "\n".join([ctx.user_id, ctx.request_id, ctx.correlation_id, str(ctx.trace_id)])
     await send({"type": "http.response.start", "status": 200, "headers": [(b"x-app", b"1")]})
     await send({"type": "http.response.body", "body": body.encode()})
 
@@ -83,12 +86,7 @@ def test_the_accelerator_is_built_and_used_for_anonymous_http() -> None:
     assert ContextMiddleware(ok_app)._start is not None
 
 
-def test_authenticators_and_baggage_keep_the_python_path() -> None:
-    class Anyone:
-        async def authenticate(self, conn: Any) -> None:
-            return None
-
-    assert ContextMiddleware(ok_app, authenticator=Anyone())._start is None
+def test_trusted_baggage_keeps_the_python_path() -> None:
     assert ContextMiddleware(ok_app, trust_incoming_baggage=True)._start is None
 
 
@@ -292,7 +290,7 @@ _VALUES = st.one_of(
 def _shape(sent: list[Message]) -> tuple[Any, ...]:
     """A response with generated ids replaced by a marker (they differ by design)."""
     start, body = sent[0], sent[1]
-    user, rid, cid, trace = body["body"].decode().split("|")
+    user, rid, cid, trace = body["body"].decode().split("\n")
 
     def mark(value: str) -> str:
         generated = len(value) == 24 and all(c in "0123456789abcdef" for c in value)
@@ -314,3 +312,101 @@ def test_property_c_and_python_paths_answer_alike(headers: Iterable[tuple[bytes,
     c_answer, python_answer = asyncio.run(main())
     assert c_answer == python_answer
     assert get_context_or_none() is None
+
+
+# -- with an authenticator: the C path scans, Python authenticates, C enters ----------------
+
+
+def _jwt_middlewares(
+    require: bool = False,
+) -> tuple[ContextMiddleware, ContextMiddleware]:
+    """C-path and Python-path middlewares with the same (real) JWT authenticator."""
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE)
+
+    def build() -> ContextMiddleware:
+        return ContextMiddleware(ok_app, authenticator=auth, require_authentication=require)
+
+    c_path = build()
+    saved = middleware_module._Accelerator
+    middleware_module._Accelerator = None
+    try:
+        python_path = build()
+    finally:
+        middleware_module._Accelerator = saved
+    assert c_path._start is not None
+    assert python_path._start is None
+    return c_path, python_path
+
+
+async def test_with_an_authenticator_the_exchange_waits_for_python_to_enter() -> None:
+    c_path, _ = _jwt_middlewares()
+    assert c_path._start is not None
+    token = sign(claims()).encode()
+    headers = [(b"authorization", b"Bearer " + token), (b"authorization", b"Basic eA==")]
+    exchange = c_path._start(scope_of(headers), ok_app)
+    assert exchange is not None
+    assert exchange.authorization == [b"Bearer " + token, b"Basic eA=="]
+    assert exchange.ctx is None
+    assert exchange.stack is None
+    assert _current.get() is None  # nothing is current until enter()
+    with pytest.raises(RuntimeError, match="not entered"):
+        exchange.finish()
+    with pytest.raises(TypeError, match="frozensets"):
+        exchange.enter(None, ["not", "frozen"], frozenset())
+    exchange.enter(None, frozenset(), frozenset({"chat"}))
+    try:
+        assert get_context().user_id == "anonymous"
+        with pytest.raises(RuntimeError, match="entered already"):
+            exchange.enter(None, frozenset(), frozenset())
+    finally:
+        exchange.finish()
+    assert _current.get() is None
+
+
+def _auth_headers() -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
+    good = sign(claims()).encode()
+    expired = sign(claims(exp=int(time.time()) - 3600)).encode()
+    other_key = sign(claims(), key=b"another-secret-another-secret-another-secret").encode()
+    values = st.sampled_from(
+        [
+            b"Bearer " + good,
+            b"bearer   " + good,
+            b"Bearer " + expired,
+            b"Bearer " + other_key,
+            b"Bearer " + good[:-3],
+            b"Bearer not a token",
+            b"Basic dXNlcjpwYXNz",
+            b"Bearer",
+            b"",
+        ]
+    )
+    auth = st.lists(st.tuples(st.just(b"authorization"), values), max_size=2)
+    ids = st.lists(st.tuples(st.sampled_from(_NAMES[:3]), _VALUES), max_size=3)
+    return st.tuples(auth, ids).map(lambda pair: pair[0] + pair[1])
+
+
+def _answer(sent: list[Message]) -> tuple[Any, ...]:
+    """A response, with generated ids marked and a body that is either the app's or ours."""
+    start = sent[0]
+    if start["status"] != 200:
+        body = json.loads(sent[1]["body"])
+        headers = [(k, v) for k, v in start["headers"] if k not in (b"x-request-id",)]
+        return start["status"], body, sorted(k for k, _ in headers)
+    return _shape(sent)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_auth_headers(), st.booleans())
+def test_property_c_and_python_paths_authenticate_alike(
+    headers: list[tuple[bytes, bytes]], require: bool
+) -> None:
+    c_path, python_path = _jwt_middlewares(require)
+
+    async def main() -> tuple[Any, Any]:
+        return (
+            _answer(await run(c_path, list(headers))),
+            _answer(await run(python_path, list(headers))),
+        )
+
+    c_answer, python_answer = asyncio.run(main())
+    assert c_answer == python_answer
