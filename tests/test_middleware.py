@@ -521,6 +521,15 @@ async def test_untrusted_incoming_ids_are_ignored() -> None:
     assert VALID_RID.encode() not in result.body + b"".join(v for _, v in result.headers)
 
 
+async def test_untrusted_ids_are_not_read_from_a_header_with_an_empty_name() -> None:
+    """The "no header name" of trust_incoming_ids=False matches no header, not even b""."""
+    app = ContextMiddleware(echo_app, trust_incoming_ids=False)
+    result = await request(app, headers=[(b"", VALID_RID.encode())])
+    data = result.json()
+    assert data["request_id"] != VALID_RID
+    assert result.header("X-Request-ID") == data["request_id"]
+
+
 async def test_trust_incoming_ids_must_be_a_bool() -> None:
     """trust_incoming_ids is checked at construction."""
     with pytest.raises(ConfigurationError):
