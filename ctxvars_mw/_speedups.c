@@ -57,6 +57,24 @@ same_bytes(PyObject *a, PyObject *b)
     return a == b || bytes_equal(a, PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b));
 }
 
+/* The items of an exact list or tuple (borrowed, valid until Python code runs); 0 for
+   anything else. */
+static inline int
+list_or_tuple_items(PyObject *seq, PyObject ***items, Py_ssize_t *n)
+{
+    if (PyList_CheckExact(seq)) {
+        *items = ((PyListObject *)seq)->ob_item;
+        *n = PyList_GET_SIZE(seq);
+        return 1;
+    }
+    if (PyTuple_CheckExact(seq)) {
+        *items = ((PyTupleObject *)seq)->ob_item;
+        *n = PyTuple_GET_SIZE(seq);
+        return 1;
+    }
+    return 0;
+}
+
 /* A (name, value) pair of bytes, from a tuple or a list of two; 0 when it is not one. */
 static inline int
 unpack_pair(PyObject *item, PyObject **name, PyObject **value)
@@ -105,7 +123,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    Accelerator *acc;
+    PyObject *acc;            /* the Accelerator (ACC(self)) */
     PyObject *send;           /* the server's send */
     PyObject *scope;
     PyObject *id_headers;     /* [(rid name, value), (cid name, value)] */
@@ -123,53 +141,55 @@ typedef struct {
 
 static PyTypeObject Exchange_Type;
 static PyTypeObject Accelerator_Type;
+#define ACC(exchange) ((Accelerator *)(exchange)->acc)
+
+/* The object pointers of a struct from field `first` to field `last`, which are declared
+   one after another (tp_traverse and tp_clear walk them). */
+#define OBJECT_FIELDS(type, first, last)                                                      \
+    (PyObject **)((char *)self + offsetof(type, first)),                                      \
+        (Py_ssize_t)((offsetof(type, last) - offsetof(type, first)) / sizeof(PyObject *) + 1)
+
+static int
+visit_fields(PyObject **fields, Py_ssize_t n, visitproc visit, void *arg)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_VISIT(fields[i]);
+    }
+    return 0;
+}
+
+static void
+clear_fields(PyObject **fields, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_CLEAR(fields[i]);
+    }
+}
+
+/* tp_traverse, tp_clear and tp_dealloc of a GC type whose object fields are first..last. */
+#define GC_FUNCTIONS(type, first, last)                                                       \
+    static int type##_traverse(type *self, visitproc visit, void *arg)                         \
+    {                                                                                         \
+        return visit_fields(OBJECT_FIELDS(type, first, last), visit, arg);                    \
+    }                                                                                         \
+    static int type##_clear(type *self)                                                       \
+    {                                                                                         \
+        clear_fields(OBJECT_FIELDS(type, first, last));                                       \
+        return 0;                                                                             \
+    }                                                                                         \
+    static void type##_dealloc(type *self)                                                    \
+    {                                                                                         \
+        PyObject_GC_UnTrack(self);                                                            \
+        type##_clear(self);                                                                   \
+        Py_TYPE(self)->tp_free((PyObject *)self);                                             \
+    }
 static PyObject *str_type, *str_headers, *str_start, *empty_tuple;
 static PyObject *str_global_rules, *str_safe_length, *str_request, *str_correlation;
 
 /* ------------------------------------------------------------------------------------ */
 /* Exchange: one request's send wrapper and state                                        */
 
-static int
-Exchange_traverse(Exchange *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->acc);
-    Py_VISIT(self->send);
-    Py_VISIT(self->scope);
-    Py_VISIT(self->id_headers);
-    Py_VISIT(self->request_id);
-    Py_VISIT(self->correlation_id);
-    Py_VISIT(self->trace);
-    Py_VISIT(self->authorization);
-    Py_VISIT(self->ctx);
-    Py_VISIT(self->stack);
-    Py_VISIT(self->ctx_token);
-    return 0;
-}
-
-static int
-Exchange_clear(Exchange *self)
-{
-    Py_CLEAR(self->acc);
-    Py_CLEAR(self->send);
-    Py_CLEAR(self->scope);
-    Py_CLEAR(self->id_headers);
-    Py_CLEAR(self->request_id);
-    Py_CLEAR(self->correlation_id);
-    Py_CLEAR(self->trace);
-    Py_CLEAR(self->authorization);
-    Py_CLEAR(self->ctx);
-    Py_CLEAR(self->stack);
-    Py_CLEAR(self->ctx_token);
-    return 0;
-}
-
-static void
-Exchange_dealloc(Exchange *self)
-{
-    PyObject_GC_UnTrack(self);
-    Exchange_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_FUNCTIONS(Exchange, acc, ctx_token)
 
 /* The response start's headers with ours set: a new list. */
 static PyObject *
@@ -177,17 +197,9 @@ headers_with_ids(Exchange *self, PyObject *headers)
 {
     PyObject **items;
     Py_ssize_t n, i;
-    if (PyList_CheckExact(headers)) {
-        items = ((PyListObject *)headers)->ob_item;
-        n = PyList_GET_SIZE(headers);
-    }
-    else if (PyTuple_CheckExact(headers)) {
-        items = ((PyTupleObject *)headers)->ob_item;
-        n = PyTuple_GET_SIZE(headers);
-    }
-    else {
-        return PyObject_CallFunctionObjArgs(self->acc->with_ids, headers, self->id_headers,
-                                            self->acc->names, NULL);
+    if (!list_or_tuple_items(headers, &items, &n)) {
+        return PyObject_CallFunctionObjArgs(ACC(self)->with_ids, headers, self->id_headers,
+                                            ACC(self)->names, NULL);
     }
     for (i = 0; i < n; i++) {
         PyObject *name, *value;
@@ -196,7 +208,7 @@ headers_with_ids(Exchange *self, PyObject *headers)
         }
         /* One of ours set by the app, or a name that is not lowercase (which lower() could
            turn into one of ours): the general path drops them, as the Python path does. */
-        if (same_bytes(name, self->acc->rid) || same_bytes(name, self->acc->cid)) {
+        if (same_bytes(name, ACC(self)->rid) || same_bytes(name, ACC(self)->cid)) {
             goto general;
         }
         const char *s = PyBytes_AS_STRING(name);
@@ -222,7 +234,7 @@ headers_with_ids(Exchange *self, PyObject *headers)
     }
     return out;
 general:
-    return PyObject_CallFunctionObjArgs(self->acc->with_ids, headers, self->id_headers, self->acc->names,
+    return PyObject_CallFunctionObjArgs(ACC(self)->with_ids, headers, self->id_headers, ACC(self)->names,
                                         NULL);
 }
 
@@ -296,7 +308,7 @@ Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject
 static int
 enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *features)
 {
-    Accelerator *acc = self->acc;
+    Accelerator *acc = ACC(self);
     if (self->entered) {
         PyErr_SetString(PyExc_RuntimeError, "this request was entered already");
         return -1;
@@ -381,19 +393,24 @@ Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     self->finished = 1;
+    /* All three steps run, whatever fails; the first error is the one raised. */
+    PyObject *type = NULL, *value = NULL, *tb = NULL;
     /* scope.pop(key, None): the app may have dropped the key itself. */
-    if (PyDict_DelItem(self->scope, self->acc->scope_key) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
-            return NULL;
+    if (PyDict_DelItem(self->scope, ACC(self)->scope_key) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+        }
+        else {
+            PyErr_Fetch(&type, &value, &tb);
+        }
+    }
+    if (PyContextVar_Reset(ACC(self)->current, self->ctx_token) < 0) {
+        if (type == NULL) {
+            PyErr_Fetch(&type, &value, &tb);
         }
         PyErr_Clear();
     }
-    /* Both steps run; the first error is the one raised. */
-    PyObject *type = NULL, *value = NULL, *tb = NULL;
-    if (PyContextVar_Reset(self->acc->current, self->ctx_token) < 0) {
-        PyErr_Fetch(&type, &value, &tb);
-    }
-    if (PyList_Append(self->stack, self->acc->closed) < 0) {
+    if (PyList_Append(self->stack, ACC(self)->closed) < 0) {
         if (type == NULL) {
             PyErr_Fetch(&type, &value, &tb);
         }
@@ -454,61 +471,7 @@ static PyTypeObject Exchange_Type = {
 /* ------------------------------------------------------------------------------------ */
 /* Accelerator: one per ContextMiddleware                                                 */
 
-static int
-Accelerator_traverse(Accelerator *self, visitproc visit, void *arg)
-{
-    Py_VISIT(self->rid_in);
-    Py_VISIT(self->cid_in);
-    Py_VISIT(self->rid);
-    Py_VISIT(self->cid);
-    Py_VISIT(self->names);
-    Py_VISIT(self->features);
-    Py_VISIT(self->no_names);
-    Py_VISIT(self->build);
-    Py_VISIT(self->accept_id);
-    Py_VISIT(self->with_ids);
-    Py_VISIT(self->generate_id);
-    Py_VISIT(self->now);
-    Py_VISIT(self->rules_var);
-    Py_VISIT(self->ids_module);
-    Py_VISIT(self->current);
-    Py_VISIT(self->closed);
-    Py_VISIT(self->scope_key);
-    Py_VISIT(self->last_rules);
-    return 0;
-}
-
-static int
-Accelerator_clear(Accelerator *self)
-{
-    Py_CLEAR(self->rid_in);
-    Py_CLEAR(self->cid_in);
-    Py_CLEAR(self->rid);
-    Py_CLEAR(self->cid);
-    Py_CLEAR(self->names);
-    Py_CLEAR(self->features);
-    Py_CLEAR(self->no_names);
-    Py_CLEAR(self->build);
-    Py_CLEAR(self->accept_id);
-    Py_CLEAR(self->with_ids);
-    Py_CLEAR(self->generate_id);
-    Py_CLEAR(self->now);
-    Py_CLEAR(self->rules_var);
-    Py_CLEAR(self->ids_module);
-    Py_CLEAR(self->current);
-    Py_CLEAR(self->closed);
-    Py_CLEAR(self->scope_key);
-    Py_CLEAR(self->last_rules);
-    return 0;
-}
-
-static void
-Accelerator_dealloc(Accelerator *self)
-{
-    PyObject_GC_UnTrack(self);
-    Accelerator_clear(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
+GC_FUNCTIONS(Accelerator, rid_in, last_rules)
 
 #define N_OPTIONS 18
 
@@ -653,15 +616,7 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject **items;
     Py_ssize_t n;
-    if (PyList_CheckExact(headers)) {
-        items = ((PyListObject *)headers)->ob_item;
-        n = PyList_GET_SIZE(headers);
-    }
-    else if (PyTuple_CheckExact(headers)) {
-        items = ((PyTupleObject *)headers)->ob_item;
-        n = PyTuple_GET_SIZE(headers);
-    }
-    else {
+    if (!list_or_tuple_items(headers, &items, &n)) {
         Py_RETURN_NONE;
     }
 
@@ -712,7 +667,7 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     ex->started = ex->entered = 0;
     ex->finished = 1;
     Py_INCREF(self);
-    ex->acc = self;
+    ex->acc = (PyObject *)self;
     Py_INCREF(send);
     ex->send = send;
     Py_INCREF(scope);

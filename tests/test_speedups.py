@@ -43,6 +43,16 @@ CID = b"corr-0b1c2d3e4f5a6b7c8d9e"
 TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
+def collector() -> tuple[list[Message], Send]:
+    """A list and a send() that appends to it."""
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    return sent, send
+
+
 def scope_of(headers: Any) -> Scope:
     return {"type": "http", "method": "GET", "path": "/", "headers": headers}
 
@@ -93,11 +103,7 @@ def test_trusted_baggage_keeps_the_python_path() -> None:
 async def test_the_c_path_sets_the_context_and_resets_it() -> None:
     start = ContextMiddleware(ok_app)._start
     assert start is not None
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
+    sent, send = collector()
     scope = scope_of([(b"x-request-id", RID), (b"traceparent", TRACEPARENT)])
     exchange = start(scope, send)
     assert isinstance(exchange, Exchange)
@@ -173,11 +179,7 @@ async def test_the_send_wrapper_handles_every_header_form_like_python() -> None:
         [],
     ]
     for app_headers in cases:
-        sent: list[Message] = []
-
-        async def send(message: Message, sent: list[Message] = sent) -> None:
-            sent.append(message)
-
+        sent, send = collector()
         exchange = start(scope_of([(b"x-request-id", RID), (b"x-correlation-id", CID)]), send)
         assert exchange is not None
         try:
@@ -194,11 +196,7 @@ async def test_the_send_wrapper_handles_every_header_form_like_python() -> None:
 async def test_a_start_message_without_headers_gets_ours() -> None:
     start = ContextMiddleware(ok_app)._start
     assert start is not None
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
+    sent, send = collector()
     exchange = start(scope_of([(b"x-request-id", RID)]), send)
     assert exchange is not None
     try:
