@@ -29,6 +29,7 @@
 #include <Python.h>
 #include <structmember.h>
 #include <string.h>
+#include <time.h>
 
 #define HEADER_ID_MAX 128
 
@@ -126,9 +127,10 @@ typedef struct {
     PyObject *acc;            /* the Accelerator (ACC(self)) */
     PyObject *send;           /* the server's send */
     PyObject *scope;
-    PyObject *id_headers;     /* [(rid name, value), (cid name, value)] */
-    PyObject *request_id;     /* str */
-    PyObject *correlation_id; /* str */
+    PyObject *rid_value;      /* the id header values (bytes) */
+    PyObject *cid_value;
+    PyObject *request_id;     /* the ids: the accepted header bytes (decoded when the */
+    PyObject *correlation_id; /* context is built), or a str */
     PyObject *trace;          /* the raw traceparent (bytes) or None */
     PyObject *authorization;  /* the Authorization header values (list), or NULL */
     PyObject *ctx;            /* once entered: the request's frame */
@@ -191,6 +193,59 @@ static PyObject *str_global_rules, *str_safe_length, *str_request, *str_correlat
 
 GC_FUNCTIONS(Exchange, acc, ctx_token)
 
+/* (name, value) of one of our id headers: a new tuple. */
+static inline PyObject *
+id_pair(PyObject *name, PyObject *value)
+{
+    PyObject *pair = PyTuple_New(2);
+    if (pair != NULL) {
+        Py_INCREF(name);
+        PyTuple_SET_ITEM(pair, 0, name);
+        Py_INCREF(value);
+        PyTuple_SET_ITEM(pair, 1, value);
+    }
+    return pair;
+}
+
+/* items[:n] + [(rid name, value), (cid name, value)]: a new list. */
+static PyObject *
+id_headers(Exchange *self, PyObject **items, Py_ssize_t n)
+{
+    PyObject *out = PyList_New(n + 2);
+    if (out == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(items[i]);
+        PyList_SET_ITEM(out, i, items[i]);
+    }
+    PyObject *rid_pair = id_pair(ACC(self)->rid, self->rid_value);
+    PyObject *cid_pair = id_pair(ACC(self)->cid, self->cid_value);
+    if (rid_pair == NULL || cid_pair == NULL) {
+        Py_XDECREF(rid_pair);
+        Py_XDECREF(cid_pair);
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyList_SET_ITEM(out, n, rid_pair);
+    PyList_SET_ITEM(out, n + 1, cid_pair);
+    return out;
+}
+
+/* middleware._with_ids(headers, id_headers, names), for what the fast path leaves. */
+static PyObject *
+with_ids(Exchange *self, PyObject *headers)
+{
+    PyObject *ours = id_headers(self, NULL, 0);
+    if (ours == NULL) {
+        return NULL;
+    }
+    PyObject *out = PyObject_CallFunctionObjArgs(ACC(self)->with_ids, headers, ours,
+                                                 ACC(self)->names, NULL);
+    Py_DECREF(ours);
+    return out;
+}
+
 /* The response start's headers with ours set: a new list. */
 static PyObject *
 headers_with_ids(Exchange *self, PyObject *headers)
@@ -198,8 +253,7 @@ headers_with_ids(Exchange *self, PyObject *headers)
     PyObject **items;
     Py_ssize_t n, i;
     if (!list_or_tuple_items(headers, &items, &n)) {
-        return PyObject_CallFunctionObjArgs(ACC(self)->with_ids, headers, self->id_headers,
-                                            ACC(self)->names, NULL);
+        return with_ids(self, headers);
     }
     for (i = 0; i < n; i++) {
         PyObject *name, *value;
@@ -219,23 +273,9 @@ headers_with_ids(Exchange *self, PyObject *headers)
             }
         }
     }
-    PyObject *out = PyList_New(n + 2);
-    if (out == NULL) {
-        return NULL;
-    }
-    for (i = 0; i < n; i++) {
-        Py_INCREF(items[i]);
-        PyList_SET_ITEM(out, i, items[i]);
-    }
-    for (i = 0; i < 2; i++) {
-        PyObject *pair = PyList_GET_ITEM(self->id_headers, i);
-        Py_INCREF(pair);
-        PyList_SET_ITEM(out, n + i, pair);
-    }
-    return out;
+    return id_headers(self, items, n);
 general:
-    return PyObject_CallFunctionObjArgs(ACC(self)->with_ids, headers, self->id_headers, ACC(self)->names,
-                                        NULL);
+    return with_ids(self, headers);
 }
 
 static PyObject *
@@ -283,7 +323,7 @@ Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject
                 }
             }
             if (headers == NULL) {
-                out = PyList_GetSlice(self->id_headers, 0, 2);
+                out = id_headers(self, NULL, 0);
             }
             else {
                 out = headers_with_ids(self, headers);
@@ -313,7 +353,15 @@ enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *featu
         PyErr_SetString(PyExc_RuntimeError, "this request was entered already");
         return -1;
     }
+#ifdef CLOCK_REALTIME
+    /* time.time(), without the call: the same clock_gettime(CLOCK_REALTIME). */
+    struct timespec now;
+    PyObject *created = clock_gettime(CLOCK_REALTIME, &now) == 0
+                            ? PyFloat_FromDouble((double)now.tv_sec + now.tv_nsec * 1e-9)
+                            : PyObject_CallNoArgs(acc->now);
+#else
     PyObject *created = PyObject_CallNoArgs(acc->now);
+#endif
     if (created == NULL) {
         return -1;
     }
@@ -438,8 +486,6 @@ static PyMethodDef Exchange_methods[] = {
 };
 
 static PyMemberDef Exchange_members[] = {
-    {"id_headers", T_OBJECT, offsetof(Exchange, id_headers), READONLY,
-     "the response's id headers"},
     {"authorization", T_OBJECT, offsetof(Exchange, authorization), READONLY,
      "the Authorization header values (None: the middleware has no authenticator)"},
     {"ctx", T_OBJECT, offsetof(Exchange, ctx), READONLY, "the request's frame, once entered"},
@@ -447,7 +493,15 @@ static PyMemberDef Exchange_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+static PyObject *
+Exchange_get_id_headers(Exchange *self, void *Py_UNUSED(closure))
+{
+    return id_headers(self, NULL, 0);
+}
+
 static PyGetSetDef Exchange_getset[] = {
+    {"id_headers", (getter)Exchange_get_id_headers, NULL, "the response's id headers (a new list)",
+     NULL},
     {"started", (getter)Exchange_get_started, NULL, "whether the response has started", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -555,9 +609,9 @@ current_rules(Accelerator *self, PyObject **rules, Py_ssize_t *safe)
     return 0;
 }
 
-/* Accept one incoming id (raw bytes): a new str, or NULL with *value untouched when it is
-   replaced (NULL with an exception set on error). A long id of header characters is taken
-   as is, its bytes kept for the response header; anything else goes to _accept_id. */
+/* Accept one incoming id (raw bytes): *id is set to the raw bytes (a long id of header
+   characters, also kept for the response header) or the str _accept_id returns, and left
+   NULL when the id is replaced. 0, or -1 with an exception set. */
 static int
 accept(Accelerator *self, PyObject *raw, PyObject *kind, PyObject *rules, Py_ssize_t safe,
        PyObject **id, PyObject **header_value)
@@ -569,10 +623,8 @@ accept(Accelerator *self, PyObject *raw, PyObject *kind, PyObject *rules, Py_ssi
         for (i = 0; i < len && id_char[s[i]]; i++) {
         }
         if (i == len) {
-            *id = PyUnicode_DecodeASCII((const char *)s, len, NULL);
-            if (*id == NULL) {
-                return -1;
-            }
+            Py_INCREF(raw);
+            *id = raw; /* decoded by the context's builder, if anything reads it */
             *header_value = raw;
             return 0;
         }
@@ -672,7 +724,7 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     ex->send = send;
     Py_INCREF(scope);
     ex->scope = scope;
-    ex->id_headers = ex->request_id = ex->correlation_id = ex->trace = NULL;
+    ex->rid_value = ex->cid_value = ex->request_id = ex->correlation_id = ex->trace = NULL;
     ex->authorization = ex->ctx = ex->stack = ex->ctx_token = NULL;
     PyObject_GC_Track(ex);
 
@@ -755,25 +807,8 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(rid_bytes);
         goto fail_ex;
     }
-    PyObject *id_headers = PyList_New(2);
-    PyObject *rid_pair = PyTuple_New(2), *cid_pair = PyTuple_New(2);
-    if (id_headers == NULL || rid_pair == NULL || cid_pair == NULL) {
-        Py_XDECREF(id_headers);
-        Py_XDECREF(rid_pair);
-        Py_XDECREF(cid_pair);
-        Py_DECREF(rid_bytes);
-        Py_DECREF(cid_bytes);
-        goto fail_ex;
-    }
-    Py_INCREF(self->rid);
-    PyTuple_SET_ITEM(rid_pair, 0, self->rid);
-    PyTuple_SET_ITEM(rid_pair, 1, rid_bytes);
-    Py_INCREF(self->cid);
-    PyTuple_SET_ITEM(cid_pair, 0, self->cid);
-    PyTuple_SET_ITEM(cid_pair, 1, cid_bytes);
-    PyList_SET_ITEM(id_headers, 0, rid_pair);
-    PyList_SET_ITEM(id_headers, 1, cid_pair);
-    ex->id_headers = id_headers;
+    ex->rid_value = rid_bytes;
+    ex->cid_value = cid_bytes;
 
     /* Anonymous (no authenticator): FREE, no roles, the free tier's features. */
     if (!self->authenticate && enter(ex, Py_None, self->no_names, self->features) < 0) {

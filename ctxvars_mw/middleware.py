@@ -264,12 +264,12 @@ class ContextMiddleware:
                 chars = HEADER_ID_CHARS
                 if raw_rid is not None:
                     if safe <= len(raw_rid) <= HEADER_ID_MAX and not raw_rid.translate(None, chars):
-                        request_id, rid_value = raw_rid.decode("ascii"), raw_rid
+                        request_id = rid_value = raw_rid  # decoded by the builder
                     else:
                         request_id = _accept_id(raw_rid, "request", rules)
                 if raw_cid is not None:
                     if safe <= len(raw_cid) <= HEADER_ID_MAX and not raw_cid.translate(None, chars):
-                        correlation_id, cid_value = raw_cid.decode("ascii"), raw_cid
+                        correlation_id = cid_value = raw_cid
                     else:
                         correlation_id = _accept_id(raw_cid, "correlation", rules)
             if request_id is None:
@@ -580,18 +580,28 @@ def _request_context(
     identity: Identity | None,
     permissions: frozenset[str],
     features: frozenset[str],
-    request_id: str,
-    correlation_id: str,
+    request_id: str | bytes,
+    correlation_id: str | bytes,
     trace: bytes | str | None,
     thread_id: str | None,
     run_id: str | None,
-    ws_id: str | None,
+    ws_id: str | bytes | None,
     created: float,
 ) -> UserExecutionContext:
     """Build a request's pending context (see ``ctxvars_mw.current``) from what the middleware
     decided: the caller's identity (None: anonymous), resolved permissions and features, the
-    accepted ids, the raw ``traceparent`` (or an outer middleware's trace id), and the
+    accepted ids (an id taken from its header as is comes as its bytes: checked, decoded
+    only here), the raw ``traceparent`` (or an outer middleware's trace id), and the
     request's start time. Thread and run ids not given are drawn here."""
+    if isinstance(request_id, bytes):
+        same = correlation_id is request_id
+        request_id = request_id.decode("ascii")
+        if same:
+            correlation_id = request_id
+    if isinstance(correlation_id, bytes):
+        correlation_id = correlation_id.decode("ascii")
+    if isinstance(ws_id, bytes):  # a websocket's id is its request id
+        ws_id = request_id
     if thread_id is None or run_id is None:
         thread_id, run_id, _ = generate_ids()
     trace_id = _trace_id(trace) if isinstance(trace, bytes) else trace
