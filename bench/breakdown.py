@@ -19,7 +19,7 @@ from ctxvars_mw import ContextMiddleware
 from ctxvars_mw.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import tokens
-from .apps import bare_app
+from .apps import bare_app, pure_python
 from .driver import http_scope, loop_factory, sequential
 
 LAYERS = (
@@ -142,7 +142,7 @@ async def _main(n: int, repeats: int) -> dict[str, Any]:
     templates = [http_scope(tokens.mint("HS256", unique=False))]
     apps: dict[str, Any] = {"bare Starlette": bare_app()}
     apps.update({name: Layer(bare_app(), i) for i, name in enumerate(LAYERS)})
-    apps["ContextMiddleware (real, pure Python)"] = _pure_python(ContextMiddleware, bare_app())
+    apps["ContextMiddleware (real, pure Python)"] = pure_python(ContextMiddleware, bare_app())
     real = ContextMiddleware(bare_app())
     if real._start is not None:
         apps["ContextMiddleware (real, C accelerator)"] = real
@@ -157,18 +157,6 @@ async def _main(n: int, repeats: int) -> dict[str, Any]:
         name: statistics.median([v - b for v, b in zip(values, bare, strict=True)])
         for name, values in samples.items()
     }
-
-
-def _pure_python(factory: Any, app: ASGIApp) -> Any:
-    """``factory(app)`` built without the C accelerator."""
-    from ctxvars_mw import middleware as mw
-
-    saved = mw._Accelerator
-    mw._Accelerator = None
-    try:
-        return factory(app)
-    finally:
-        mw._Accelerator = saved
 
 
 def run(*, n: int, repeats: int) -> dict[str, Any]:

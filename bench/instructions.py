@@ -28,6 +28,7 @@ VARIANTS = (
     "bare",
     "floor",
     "ctxvars",
+    "ctxvars_py",
     "ctxvars_read",
     "correlation",
     "starlette_context",
