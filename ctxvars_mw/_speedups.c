@@ -14,14 +14,14 @@
  *       middleware without an authenticator it also enters the request (below); with one,
  *       Exchange.authorization holds the Authorization header values for Python to check.
  *   Exchange.enter(identity, permissions, features)
- *       makes the request's frame [None, build, args, cleanups] (see current.py), hands it
- *       to a nested middleware through the scope, and sets the ContextVar.
+ *       makes the request's frame [None, build, args, cleanups, headers] (see current.py)
+ *       current: a nested middleware finds it there.
  *   Exchange(message)
  *       the app's send: sets the id headers on http.response.start (any header list it does
  *       not understand goes through the Python _with_ids), then calls the server's send.
  *   Exchange.finish()
- *       drops the scope key, resets the ContextVar and closes the cleanup list: what the
- *       Python path's finally block does.
+ *       resets the ContextVar and closes the cleanup list: what the Python path's finally
+ *       block does.
  *
  * No value from a request is ever logged or formatted here.
  */
@@ -115,7 +115,6 @@ typedef struct {
     PyObject *ids_module;  /* for ids._global_rules */
     PyObject *current;     /* current._current */
     PyObject *closed;      /* resources._closed */
-    PyObject *scope_key;
     PyObject *last_rules;  /* the rules whose _safe_length is last_safe */
     Py_ssize_t last_safe;
     int authenticate;      /* collect Authorization headers and leave entering to Python */
@@ -126,7 +125,7 @@ typedef struct {
     vectorcallfunc vectorcall;
     PyObject *acc;            /* the Accelerator (ACC(self)) */
     PyObject *send;           /* the server's send */
-    PyObject *scope;
+    PyObject *headers;        /* the request's header list (the frame's last slot) */
     PyObject *rid_value;      /* the id header values (bytes) */
     PyObject *cid_value;
     PyObject *request_id;     /* the ids: the accepted header bytes (decoded when the */
@@ -343,8 +342,8 @@ Exchange_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject
 }
 
 /* Enter the request: the frame [None, build, (identity, permissions, features, request_id,
-   correlation_id, trace, thread_id, run_id, ws_id, created), cleanups] (see
-   middleware._request_context), the scope key, the ContextVar. 0, or -1 with an error. */
+   correlation_id, trace, thread_id, run_id, ws_id, created), cleanups, headers] (see
+   current.py and middleware._request_context) made current. 0, or -1 with an error. */
 static int
 enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *features)
 {
@@ -366,7 +365,7 @@ enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *featu
         return -1;
     }
     PyObject *build_args = PyTuple_New(10);
-    PyObject *frame = PyList_New(4);
+    PyObject *frame = PyList_New(5);
     PyObject *stack = PyList_New(0);
     if (build_args == NULL || frame == NULL || stack == NULL) {
         Py_DECREF(created);
@@ -389,18 +388,10 @@ enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *featu
     build_args = NULL;
     Py_INCREF(stack);
     PyList_SET_ITEM(frame, 3, stack);
-    /* For a ContextMiddleware nested inside this one; then the ContextVar. */
-    if (PyDict_SetItem(self->scope, acc->scope_key, frame) < 0) {
-        goto fail;
-    }
+    Py_INCREF(self->headers);
+    PyList_SET_ITEM(frame, 4, self->headers);
     PyObject *token = PyContextVar_Set(acc->current, frame);
     if (token == NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        if (PyDict_DelItem(self->scope, acc->scope_key) < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(type, value, tb);
         goto fail;
     }
     self->ctx = frame;
@@ -441,22 +432,10 @@ Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     self->finished = 1;
-    /* All three steps run, whatever fails; the first error is the one raised. */
+    /* Both steps run, whatever fails; the first error is the one raised. */
     PyObject *type = NULL, *value = NULL, *tb = NULL;
-    /* scope.pop(key, None): the app may have dropped the key itself. */
-    if (PyDict_DelItem(self->scope, ACC(self)->scope_key) < 0) {
-        if (PyErr_ExceptionMatches(PyExc_KeyError)) {
-            PyErr_Clear();
-        }
-        else {
-            PyErr_Fetch(&type, &value, &tb);
-        }
-    }
     if (PyContextVar_Reset(ACC(self)->current, self->ctx_token) < 0) {
-        if (type == NULL) {
-            PyErr_Fetch(&type, &value, &tb);
-        }
-        PyErr_Clear();
+        PyErr_Fetch(&type, &value, &tb);
     }
     if (PyList_Append(self->stack, ACC(self)->closed) < 0) {
         if (type == NULL) {
@@ -481,7 +460,7 @@ static PyMethodDef Exchange_methods[] = {
     {"enter", (PyCFunction)(void (*)(void))Exchange_enter, METH_FASTCALL,
      "enter(identity, permissions, features): make the request's context current."},
     {"finish", (PyCFunction)Exchange_finish, METH_NOARGS,
-     "Drop the scope key, reset the context and close the cleanup list (once)."},
+     "Reset the context and close the cleanup list (once)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -527,7 +506,7 @@ static PyTypeObject Exchange_Type = {
 
 GC_FUNCTIONS(Accelerator, rid_in, last_rules)
 
-#define N_OPTIONS 18
+#define N_OPTIONS 17
 
 static int
 Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
@@ -535,15 +514,15 @@ Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {
         "rid_in", "cid_in", "rid", "cid", "names", "features", "no_names", "build",
         "accept_id", "with_ids", "generate_id", "now", "rules_var", "ids_module", "current",
-        "closed", "scope_key", "authenticate", NULL,
+        "closed", "authenticate", NULL,
     };
     PyObject *o[N_OPTIONS] = {NULL};
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OUO!", kwlist, &o[0], &o[1], &PyBytes_Type,
+            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OO!", kwlist, &o[0], &o[1], &PyBytes_Type,
             &o[2], &PyBytes_Type, &o[3], &PyFrozenSet_Type, &o[4], &PyFrozenSet_Type, &o[5],
             &PyFrozenSet_Type, &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
             &PyContextVar_Type, &o[12], &o[13], &PyContextVar_Type, &o[14], &o[15],
-            &o[16], &PyBool_Type, &o[17])) {
+            &PyBool_Type, &o[16])) {
         return -1;
     }
     for (int i = 0; i < N_OPTIONS; i++) {
@@ -562,13 +541,12 @@ Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
         &self->rid_in, &self->cid_in, &self->rid, &self->cid, &self->names, &self->features,
         &self->no_names, &self->build, &self->accept_id, &self->with_ids, &self->generate_id,
         &self->now, &self->rules_var, &self->ids_module, &self->current, &self->closed,
-        &self->scope_key,
     };
     for (int i = 0; i < N_OPTIONS - 1; i++) {
         Py_INCREF(o[i]);
         Py_XSETREF(*slots[i], o[i]);
     }
-    self->authenticate = o[17] == Py_True;
+    self->authenticate = o[16] == Py_True;
     Py_CLEAR(self->last_rules);
     return 0;
 }
@@ -652,13 +630,6 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     if (!PyDict_CheckExact(scope)) {
         Py_RETURN_NONE;
     }
-    PyObject *outer = PyDict_GetItemWithError(scope, self->scope_key);
-    if (outer != NULL) {
-        Py_RETURN_NONE; /* nested inside another ContextMiddleware: the Python path */
-    }
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
     PyObject *headers = PyDict_GetItemWithError(scope, str_headers);
     if (headers == NULL) {
         if (PyErr_Occurred()) {
@@ -669,6 +640,18 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     PyObject **items;
     Py_ssize_t n;
     if (!list_or_tuple_items(headers, &items, &n)) {
+        Py_RETURN_NONE;
+    }
+    /* Nested in another ContextMiddleware of this same request (its frame is current, with
+       this very header list): the Python path, which keeps that request's ids. */
+    PyObject *outer;
+    if (PyContextVar_Get(self->current, Py_None, &outer) < 0) {
+        return NULL;
+    }
+    int nested = PyList_CheckExact(outer) && PyList_GET_SIZE(outer) > 4
+                 && PyList_GET_ITEM(outer, 4) == headers;
+    Py_DECREF(outer);
+    if (nested) {
         Py_RETURN_NONE;
     }
 
@@ -722,8 +705,8 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
     ex->acc = (PyObject *)self;
     Py_INCREF(send);
     ex->send = send;
-    Py_INCREF(scope);
-    ex->scope = scope;
+    Py_INCREF(headers);
+    ex->headers = headers;
     ex->rid_value = ex->cid_value = ex->request_id = ex->correlation_id = ex->trace = NULL;
     ex->authorization = ex->ctx = ex->stack = ex->ctx_token = NULL;
     PyObject_GC_Track(ex);

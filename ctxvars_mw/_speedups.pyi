@@ -42,7 +42,6 @@ class Accelerator:
         ids_module: ModuleType,
         current: ContextVar[Any],
         closed: Callable[[], None],
-        scope_key: str,
         authenticate: bool,
     ) -> None: ...
     def start(

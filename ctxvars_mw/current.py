@@ -26,10 +26,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # The one ContextVar. It holds a UserExecutionContext, None, or a *frame*: a list
-# ``[context or None, build, args, cleanups]``.
+# ``[context or None, build, args, cleanups, headers]``.
 #
 # - A request that ContextMiddleware handles is a *pending* frame ``[None, build, args,
-#   cleanups]``. The middleware has already done everything that decides the request's fate
+#   cleanups, headers]``. The middleware has already done everything that decides the request's fate
 #   (ids validated, caller authenticated, session checked); what is left, the 22-field object
 #   itself, is built by ``build(*args)`` the first time anything asks for it, and then stands
 #   in the first slot for every later reader, in every task and thread of the request. A
@@ -37,8 +37,12 @@ R = TypeVar("R")
 #   traffic) never pays for one.
 # - ``cleanups`` is the list of the request's (or a ``resource_scope()``'s) cleanups, so one
 #   ContextVar carries both. ``use_context()`` inside a frame sets ``[ctx, None, None,
-#   cleanups]``: the new context, the same cleanup list. A frame with no context at all (a
-#   ``resource_scope()`` outside any) is ``[None, None, None, cleanups]``.
+#   cleanups, headers]``: the new context, the same cleanup list. A frame with no context at
+#   all (a ``resource_scope()`` outside any) is ``[None, None, None, cleanups, None]``.
+# - ``headers`` is the request's ``scope["headers"]`` list: a ContextMiddleware nested in
+#   the same request (a mounted sub-app with its own) finds the frame of a request whose
+#   header list is its own, and keeps that request's ids; any other ASGI call (an in-process
+#   ``httpx.ASGITransport`` request made by a handler) has a list of its own.
 #
 # A plain list because the middleware makes one per request: a literal costs a tenth of an
 # instance of a class of our own.
@@ -48,7 +52,8 @@ _current: ContextVar[UserExecutionContext | _Pending | None] = ContextVar(
 )
 _get_raw = _current.get
 _CLEANUPS = 3  # the index of a frame's cleanup list
-_FIRST_BUILT = 4  # the index of the first context appended to a pending frame
+_HEADERS = 4  # the index of a frame's request header list
+_FIRST_BUILT = 5  # the index of the first context appended to a pending frame
 
 
 def _materialize(pending: _Pending) -> UserExecutionContext | None:
@@ -73,7 +78,7 @@ def _set(ctx: UserExecutionContext) -> Token[UserExecutionContext | _Pending | N
     """Make ``ctx`` current (reset with the token), keeping the enclosing frame's cleanups."""
     outer = _get_raw()
     if type(outer) is list:
-        return _current.set([ctx, None, None, outer[_CLEANUPS]])
+        return _current.set([ctx, None, None, outer[_CLEANUPS], outer[_HEADERS]])
     return _current.set(ctx)
 
 

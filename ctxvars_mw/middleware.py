@@ -17,7 +17,7 @@ from .auth.base import Authenticator, Connection, Identity
 from .auth.jwt import JWTAuthenticator
 from .auth.sessions import SessionStore
 from .context import ANONYMOUS_USER_ID, UserExecutionContext, request_context
-from .current import _current, _Pending, resolved
+from .current import _HEADERS, _current, _get_raw, _Pending, resolved
 from .errors import (
     AuthenticationError,
     AuthenticationRequiredError,
@@ -61,16 +61,15 @@ _ZERO_SPAN = b"0" * 16
 _SESSION_FAILURE = ("closed", "open")
 _NO_NAMES: frozenset[str] = frozenset()
 _RESOLVED_MAX = 4096
-# The scope key under which a ContextMiddleware hands its context (for the ids) to one nested
-# inside it.
-_SCOPE_CTX = "ctxvars_mw.context"
 _UTC = UTC
 _from_timestamp = datetime.fromtimestamp
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
 
-# The optional C accelerator (ctxvars_mw/_speedups.c) runs the anonymous http path: the
-# same steps as the Python below, several times faster. Without a compiler at install time,
-# or with CTXVARS_MW_NO_EXTENSIONS set, everything runs here in Python, with the same result.
+# The optional C accelerator (ctxvars_mw/_speedups.c) runs the http path's steps (header
+# scan, ids, pending context, id response headers, reset) the way the Python below does,
+# about twice as fast in all; credentials are still checked here. Without a compiler at
+# install time, or with CTXVARS_MW_NO_EXTENSIONS set, everything runs here in Python, with
+# the same result.
 if TYPE_CHECKING:
     from ._speedups import Exchange as _Exchange
 _Accelerator: Any
@@ -190,7 +189,7 @@ class ContextMiddleware:
                 build=_request_context, accept_id=_accept_id, with_ids=_with_ids,
                 generate_id=generate_id, now=_time, rules_var=_ids._rules_var,
                 ids_module=_ids, current=_current, closed=_closed,
-                scope_key=_SCOPE_CTX, authenticate=authenticator is not None,
+                authenticate=authenticator is not None,
             ).start
             if _Accelerator is not None and not trust_incoming_baggage
             else None
@@ -235,7 +234,8 @@ class ContextMiddleware:
         auth_headers: list[bytes] | None = [] if self.authenticator is not None else None
         protocols: bytes | None = None
         wanted = self._wanted  # one set lookup rules out the headers we do not read
-        for name, value in scope["headers"]:
+        headers = scope["headers"]
+        for name, value in headers:
             if name not in wanted:
                 continue
             if name == rid_in:
@@ -250,7 +250,11 @@ class ContextMiddleware:
                 elif name == b"sec-websocket-protocol":
                     protocols = value
 
-        outer = scope.get(_SCOPE_CTX)
+        # A ContextMiddleware nested in this same request (see ctxvars_mw.current) finds the
+        # outer one's frame current, with this request's very header list.
+        outer = _get_raw()
+        if type(outer) is not list or outer[_HEADERS] is not headers:
+            outer = None
         if outer is None:
             # Thread and run ids are drawn, and the traceparent parsed, when the context is
             # built; the request id is needed now, for the response headers.
@@ -324,10 +328,10 @@ class ContextMiddleware:
         # The request's frame (see ctxvars_mw.current): its pending context and its cleanups.
         stack: list[Cleanup] = []
         if self._trust_baggage:
-            built = apply_incoming(_request_context(*args), scope["headers"])
-            ctx: _Pending = [built, None, None, stack]
+            built = apply_incoming(_request_context(*args), headers)
+            ctx: _Pending = [built, None, None, stack, headers]
         else:
-            ctx = [None, _request_context, args, stack]
+            ctx = [None, _request_context, args, stack, headers]
 
         started = False
         id_names = self._id_names
@@ -365,8 +369,6 @@ class ContextMiddleware:
                     started = True
                 return send(message)
 
-        if outer is None:
-            scope[_SCOPE_CTX] = ctx  # for a ContextMiddleware nested inside this one
         ctx_token = _current.set(ctx)
         try:
             await self.app(scope, receive, send_with_ids)
@@ -380,8 +382,6 @@ class ContextMiddleware:
             await _send_500(send, id_headers)
             raise
         finally:
-            if outer is None:  # the scope dict holds nothing of this request's now
-                scope.pop(_SCOPE_CTX, None)  # (pop: the app may have dropped the key itself)
             try:
                 if stack:
                     await run_cleanups(stack)

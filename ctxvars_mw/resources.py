@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from .context import UserExecutionContext
-from .current import _CLEANUPS, _current, _get_raw, resolved, use_context
+from .current import _CLEANUPS, _HEADERS, _current, _get_raw, resolved, use_context
 from .errors import ContextNotSetError
 
 __all__ = ["attach_resource", "managed_context", "resource_scope", "run_cleanups"]
@@ -107,11 +107,11 @@ async def resource_scope() -> AsyncIterator[None]:
     outer = _get_raw()
     frame: list[Any]
     if outer is None or type(outer) is not list:
-        frame = [outer, None, None, stack]
+        frame = [outer, None, None, stack, None]
     elif outer[0] is not None or outer[1] is None:
-        frame = [outer[0], None, None, stack]
+        frame = [outer[0], None, None, stack, outer[_HEADERS]]
     else:
-        frame = [None, resolved, (outer,), stack]
+        frame = [None, resolved, (outer,), stack, outer[_HEADERS]]
     token = _current.set(frame)
     try:
         yield

@@ -675,6 +675,26 @@ async def test_a_nested_middleware_refusal_carries_the_same_ids() -> None:
     assert refused.header("x-correlation-id") == seen["outer"].correlation_id
 
 
+async def test_an_in_process_call_made_by_a_handler_is_a_request_of_its_own() -> None:
+    """A handler calling another ContextMiddleware app in process (httpx.ASGITransport) makes
+    a new request, with its own header list: new ids, not the calling request's."""
+    inner = ContextMiddleware(echo_app)
+    seen: dict[str, Any] = {}
+
+    async def outer_app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["outer"] = get_context().request_id
+        transport = httpx.ASGITransport(app=inner)
+        async with httpx.AsyncClient(transport=transport, base_url="http://inner") as client:
+            seen["inner"] = (await client.get("/")).json()["request_id"]
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    result = await request(ContextMiddleware(outer_app), headers=[hdr("x-request-id", VALID_RID)])
+    assert result.status == 204
+    assert seen["outer"] == VALID_RID
+    assert seen["inner"] != VALID_RID
+
+
 async def test_a_scope_dict_used_again_gets_new_ids() -> None:
     """The ids handed to nested middleware leave the scope with the request: a harness that
     reuses its scope dict still gets a new request id each time."""
