@@ -29,12 +29,12 @@ R = TypeVar("R")
 # ``[context or None, build, args, cleanups, headers]``.
 #
 # - A request that ContextMiddleware handles is a *pending* frame ``[None, build, args,
-#   cleanups, headers]``. The middleware has already done everything that decides the request's fate
-#   (ids validated, caller authenticated, session checked); what is left, the 22-field object
-#   itself, is built by ``build(*args)`` the first time anything asks for it, and then stands
-#   in the first slot for every later reader, in every task and thread of the request. A
-#   request whose code never reads its context (health checks, static files, most proxies'
-#   traffic) never pays for one.
+#   cleanups, headers]``. The middleware has already done everything that decides the
+#   request's fate (ids validated, caller authenticated, session checked); what is left, the
+#   22-field object itself, is built by ``build(*args)`` the first time anything asks for it,
+#   and then stands in the first slot for every later reader, in every task and thread of
+#   the request. A request whose code never reads its context (health checks, static files,
+#   most proxies' traffic) never pays for one.
 # - ``cleanups`` is the list of the request's (or a ``resource_scope()``'s) cleanups, so one
 #   ContextVar carries both. ``use_context()`` inside a frame sets ``[ctx, None, None,
 #   cleanups, headers]``: the new context, the same cleanup list. A frame with no context at

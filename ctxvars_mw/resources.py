@@ -106,7 +106,7 @@ async def resource_scope() -> AsyncIterator[None]:
     stack: list[Cleanup] = []
     outer = _get_raw()
     frame: list[Any]
-    if outer is None or type(outer) is not list:
+    if type(outer) is not list:
         frame = [outer, None, None, stack, None]
     elif outer[0] is not None or outer[1] is None:
         frame = [outer[0], None, None, stack, outer[_HEADERS]]
