@@ -195,6 +195,25 @@ async def test_redis_outage_fails_closed_and_recovers(
     assert [r.status_code for r in burst] == [200] * 20
 
 
+async def test_pooled_connections_left_from_before_a_restart_are_reconnected(
+    redis_process: RedisProcess, key_prefix: str
+) -> None:
+    """After Redis restarts, the store's pooled connections are dead; each is reconnected on
+    its next command (one retry on a connection error) instead of failing that request."""
+    store = RedisSessionStore(redis_process.url, prefix=key_prefix, timeout=0.5)
+    try:
+        session = await store.create(USER)
+        redis_process.snapshot()  # the restarted server will know this session
+        touched = await asyncio.gather(*(store.touch(session.id) for _ in range(12)))
+        assert all(t is not None for t in touched)  # 12 connections open in the pool
+        redis_process.stop()
+        redis_process.start()
+        touched = await asyncio.gather(*(store.touch(session.id) for _ in range(12)))
+        assert [t is not None and t.user_id == USER for t in touched] == [True] * 12
+    finally:
+        await store.aclose()
+
+
 async def test_a_restarted_empty_redis_means_the_session_is_gone(
     redis_process: RedisProcess,
     session_apps: tuple[RedisSessionStore, httpx.AsyncClient, httpx.AsyncClient],

@@ -65,8 +65,10 @@ class RedisSessionStore:
     """A :class:`~ctxvars_mw.SessionStore` in Redis (redis-py asyncio), for many processes.
 
     ``url_or_client`` is a ``redis://`` URL (a client is created with ``timeout`` seconds
-    for connecting and for each command) or a ``redis.asyncio.Redis`` client (used as is,
-    not closed by :meth:`aclose`). ``clock`` returns the current Unix time (tests).
+    for connecting and for each command, and one immediate retry on a connection error, so
+    a pooled connection that died with a Redis restart is reconnected rather than failing a
+    request) or a ``redis.asyncio.Redis`` client (used as is, not closed by :meth:`aclose`).
+    ``clock`` returns the current Unix time (tests).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class RedisSessionStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         import redis.asyncio as redis_asyncio
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import RedisError
 
         self.idle_timeout = seconds("idle_timeout", idle_timeout)
@@ -88,8 +91,14 @@ class RedisSessionStore:
             raise ConfigurationError("prefix must be a non-empty string")
         self.prefix = prefix
         if isinstance(url_or_client, str):
+            # One retry, at once, on a connection error: a pooled connection that died with a
+            # Redis restart is reconnected on its next command instead of failing a request.
+            # Timeouts are not retried (a partition fails closed within `timeout`).
             self._redis: Any = redis_asyncio.Redis.from_url(
-                url_or_client, socket_connect_timeout=timeout, socket_timeout=timeout
+                url_or_client,
+                socket_connect_timeout=timeout,
+                socket_timeout=timeout,
+                retry_on_error=[RedisConnectionError],
             )
             self._owns_client = True
         elif isinstance(url_or_client, redis_asyncio.Redis):
