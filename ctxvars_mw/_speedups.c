@@ -31,21 +31,6 @@
 #include <string.h>
 #include <time.h>
 
-#define HEADER_ID_MAX 128
-
-/* [A-Za-z0-9._:-]: ctxvars_mw.ids.HEADER_ID_CHARS */
-static unsigned char id_char[256];
-
-static void
-init_id_chars(void)
-{
-    const char *ok = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-";
-    memset(id_char, 0, sizeof(id_char));
-    for (; *ok; ok++) {
-        id_char[(unsigned char)*ok] = 1;
-    }
-}
-
 static inline int
 bytes_equal(PyObject *a, const char *b, Py_ssize_t blen)
 {
@@ -117,6 +102,8 @@ typedef struct {
     PyObject *closed;      /* resources._closed */
     PyObject *last_rules;  /* the rules whose _safe_length is last_safe */
     Py_ssize_t last_safe;
+    Py_ssize_t id_max;     /* ids.HEADER_ID_MAX */
+    unsigned char id_char[256]; /* 1 for each byte of ids.HEADER_ID_CHARS */
     int authenticate;      /* collect Authorization headers and leave entering to Python */
 } Accelerator;
 
@@ -132,11 +119,10 @@ typedef struct {
     PyObject *correlation_id; /* context is built), or a str */
     PyObject *trace;          /* the raw traceparent (bytes) or None */
     PyObject *authorization;  /* the Authorization header values (list), or NULL */
-    PyObject *ctx;            /* once entered: the request's frame */
+    PyObject *ctx;            /* once entered (NULL until then): the request's frame */
     PyObject *stack;          /* ... its cleanup list */
     PyObject *ctx_token;      /* ... and the ContextVar's token */
     char started;
-    char entered;
     char finished;
 } Exchange;
 
@@ -348,7 +334,7 @@ static int
 enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *features)
 {
     Accelerator *acc = ACC(self);
-    if (self->entered) {
+    if (self->ctx != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this request was entered already");
         return -1;
     }
@@ -397,8 +383,6 @@ enter(Exchange *self, PyObject *identity, PyObject *permissions, PyObject *featu
     self->ctx = frame;
     self->stack = stack;
     self->ctx_token = token;
-    self->entered = 1;
-    self->finished = 0;
     return 0;
 fail:
     Py_XDECREF(build_args);
@@ -427,7 +411,7 @@ Exchange_enter(Exchange *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Exchange_finish(Exchange *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->entered || self->finished) {
+    if (self->ctx == NULL || self->finished) {
         PyErr_SetString(PyExc_RuntimeError, "this request is not entered, or finished already");
         return NULL;
     }
@@ -506,7 +490,7 @@ static PyTypeObject Exchange_Type = {
 
 GC_FUNCTIONS(Accelerator, rid_in, last_rules)
 
-#define N_OPTIONS 17
+#define N_OPTIONS 19
 
 static int
 Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
@@ -514,15 +498,15 @@ Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {
         "rid_in", "cid_in", "rid", "cid", "names", "features", "no_names", "build",
         "accept_id", "with_ids", "generate_id", "now", "rules_var", "ids_module", "current",
-        "closed", "authenticate", NULL,
+        "closed", "authenticate", "id_chars", "id_max", NULL,
     };
     PyObject *o[N_OPTIONS] = {NULL};
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OO!", kwlist, &o[0], &o[1], &PyBytes_Type,
+            args, kwds, "|$OOO!O!O!O!O!OOOOOO!OO!OO!O!O!", kwlist, &o[0], &o[1], &PyBytes_Type,
             &o[2], &PyBytes_Type, &o[3], &PyFrozenSet_Type, &o[4], &PyFrozenSet_Type, &o[5],
             &PyFrozenSet_Type, &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
             &PyContextVar_Type, &o[12], &o[13], &PyContextVar_Type, &o[14], &o[15],
-            &PyBool_Type, &o[16])) {
+            &PyBool_Type, &o[16], &PyBytes_Type, &o[17], &PyLong_Type, &o[18])) {
         return -1;
     }
     for (int i = 0; i < N_OPTIONS; i++) {
@@ -537,16 +521,26 @@ Accelerator_init(Accelerator *self, PyObject *args, PyObject *kwds)
             return -1;
         }
     }
-    PyObject **slots[N_OPTIONS - 1] = {
+    Py_ssize_t id_max = PyLong_AsSsize_t(o[18]);
+    if (id_max == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject **slots[N_OPTIONS - 3] = {
         &self->rid_in, &self->cid_in, &self->rid, &self->cid, &self->names, &self->features,
         &self->no_names, &self->build, &self->accept_id, &self->with_ids, &self->generate_id,
         &self->now, &self->rules_var, &self->ids_module, &self->current, &self->closed,
     };
-    for (int i = 0; i < N_OPTIONS - 1; i++) {
+    for (int i = 0; i < N_OPTIONS - 3; i++) {
         Py_INCREF(o[i]);
         Py_XSETREF(*slots[i], o[i]);
     }
     self->authenticate = o[16] == Py_True;
+    self->id_max = id_max;
+    memset(self->id_char, 0, sizeof(self->id_char));
+    const unsigned char *chars = (const unsigned char *)PyBytes_AS_STRING(o[17]);
+    for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(o[17]); i++) {
+        self->id_char[chars[i]] = 1;
+    }
     Py_CLEAR(self->last_rules);
     return 0;
 }
@@ -595,10 +589,10 @@ accept(Accelerator *self, PyObject *raw, PyObject *kind, PyObject *rules, Py_ssi
        PyObject **id, PyObject **header_value)
 {
     Py_ssize_t len = PyBytes_GET_SIZE(raw);
-    if (len >= safe && len <= HEADER_ID_MAX) {
+    if (len >= safe && len <= self->id_max) {
         const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(raw);
         Py_ssize_t i;
-        for (i = 0; i < len && id_char[s[i]]; i++) {
+        for (i = 0; i < len && self->id_char[s[i]]; i++) {
         }
         if (i == len) {
             Py_INCREF(raw);
@@ -699,8 +693,7 @@ Accelerator_start(Accelerator *self, PyObject *const *args, Py_ssize_t nargs)
         goto fail_raw;
     }
     ex->vectorcall = Exchange_vectorcall;
-    ex->started = ex->entered = 0;
-    ex->finished = 1;
+    ex->started = ex->finished = 0;
     Py_INCREF(self);
     ex->acc = (PyObject *)self;
     Py_INCREF(send);
@@ -851,7 +844,6 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    init_id_chars();
     if (intern(&str_type, "type") < 0 || intern(&str_headers, "headers") < 0
         || intern(&str_start, "http.response.start") < 0
         || intern(&str_global_rules, "_global_rules") < 0

@@ -43,6 +43,8 @@ class Accelerator:
         current: ContextVar[Any],
         closed: Callable[[], None],
         authenticate: bool,
+        id_chars: bytes,
+        id_max: int,
     ) -> None: ...
     def start(
         self, scope: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]], /

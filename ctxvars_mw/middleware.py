@@ -189,7 +189,8 @@ class ContextMiddleware:
                 build=_request_context, accept_id=_accept_id, with_ids=_with_ids,
                 generate_id=generate_id, now=_time, rules_var=_ids._rules_var,
                 ids_module=_ids, current=_current, closed=_closed,
-                authenticate=authenticator is not None,
+                authenticate=authenticator is not None, id_chars=HEADER_ID_CHARS,
+                id_max=HEADER_ID_MAX,
             ).start
             if _Accelerator is not None and not trust_incoming_baggage
             else None
