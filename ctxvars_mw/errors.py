@@ -7,17 +7,19 @@
     ├── InvalidContextError (ValueError)         a context that fails validation
     │   └── MaxDepthExceededError                a child past the maximum depth
     ├── ContextNotSetError (LookupError)         get_context() outside a request
-    ├── AuthenticationError              401     credentials are missing or bad
-    │   ├── AuthenticationRequiredError  401     no credentials where they are required
-    │   └── InvalidTokenError            401     a token that does not verify
-    │       └── ExpiredTokenError        401     a token (or envelope) past its expiry
-    ├── PermissionDeniedError            403     authenticated, but not allowed
-    │   └── PermissionEscalationError    403     a child asked for more than its parent holds
-    ├── InvalidRequestError              400     credentials sent more than one way
-    └── ServiceUnavailableError          503     a backing store (e.g. Redis) is unreachable
+    └── HTTPError                                the base of every error that is an HTTP answer
+        ├── AuthenticationError              401     credentials are missing or bad
+        │   ├── AuthenticationRequiredError  401     no credentials where they are required
+        │   └── InvalidTokenError            401     a token that does not verify
+        │       └── ExpiredTokenError        401     a token (or envelope) past its expiry
+        ├── PermissionDeniedError            403     authenticated, but not allowed
+        │   └── PermissionEscalationError    403     a child asked for more than its parent holds
+        ├── InvalidRequestError              400     credentials sent more than one way
+        └── ServiceUnavailableError          503     a backing store (e.g. Redis) is unreachable
 
-HTTP-facing errors carry ``status_code``, an OAuth ``error`` code (RFC 6750) and a
-``description`` that is safe to show a client: never a token, never a raw header value.
+Every :class:`HTTPError` carries ``status_code``, an OAuth ``error`` code (RFC 6750) and a
+``description`` that is safe to show a client: never a token, never a raw header value. Catch
+``HTTPError`` to answer all of them in one handler.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "ContextNotSetError",
     "CtxvarsError",
     "ExpiredTokenError",
+    "HTTPError",
     "InvalidContextError",
     "InvalidRequestError",
     "InvalidTokenError",
@@ -61,8 +64,9 @@ class ContextNotSetError(CtxvarsError, LookupError):
     """No UserExecutionContext is current (outside a request or ``use_context`` block)."""
 
 
-class _HTTPError(CtxvarsError):
-    """Shared shape of the errors that map to an HTTP response."""
+class HTTPError(CtxvarsError):
+    """The base of the errors that are an HTTP answer: ``status_code``, ``error`` (the OAuth
+    error code) and ``description`` (safe to show the client)."""
 
     status_code: int = 500
     error: str = "server_error"
@@ -73,7 +77,7 @@ class _HTTPError(CtxvarsError):
         super().__init__(self.description)
 
 
-class AuthenticationError(_HTTPError):
+class AuthenticationError(HTTPError):
     """Credentials are missing or invalid (HTTP 401)."""
 
     status_code = 401
@@ -98,7 +102,7 @@ class ExpiredTokenError(InvalidTokenError):
     default_description = "The access token has expired."
 
 
-class PermissionDeniedError(_HTTPError):
+class PermissionDeniedError(HTTPError):
     """The caller is authenticated but lacks what is required (HTTP 403)."""
 
     status_code = 403
@@ -114,7 +118,7 @@ class PermissionEscalationError(PermissionDeniedError):
     """A child context asked for permissions its parent does not hold."""
 
 
-class InvalidRequestError(_HTTPError):
+class InvalidRequestError(HTTPError):
     """The request is malformed, e.g. credentials sent more than one way (HTTP 400)."""
 
     status_code = 400
@@ -122,7 +126,7 @@ class InvalidRequestError(_HTTPError):
     default_description = "The request is malformed."
 
 
-class ServiceUnavailableError(_HTTPError):
+class ServiceUnavailableError(HTTPError):
     """A backing service needed to authenticate is unreachable (HTTP 503)."""
 
     status_code = 503

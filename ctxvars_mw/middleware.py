@@ -22,11 +22,11 @@ from .errors import (
     AuthenticationError,
     AuthenticationRequiredError,
     ConfigurationError,
+    HTTPError,
     InvalidRequestError,
     InvalidTokenError,
     PermissionDeniedError,
     ServiceUnavailableError,
-    _HTTPError,
 )
 from .frozen import EMPTY
 from .ids import (
@@ -318,7 +318,7 @@ class ContextMiddleware:
                         identity, permissions, features, request_id, correlation_id, trace,
                         thread_id, run_id, ws_id, _time(),
                     )  # fmt: skip
-            except _HTTPError as exc:
+            except HTTPError as exc:
                 await _reject(scope, receive, send, exc, id_headers, bool(auth_headers), True)
                 return
         if identity is None:  # anonymous: FREE, no roles, the free tier's features
@@ -409,7 +409,7 @@ class ContextMiddleware:
             permissions, features = self._resolve(identity)
             if identity.session_id is not None and self.session_store is not None:
                 await self._check_session(identity.session_id, identity.user_id)
-        except _HTTPError as exc:
+        except HTTPError as exc:
             await _reject(scope, receive, send, exc, exchange.id_headers, bool(auth), True)
             return False
         exchange.enter(identity, permissions, features)
@@ -485,7 +485,7 @@ class ContextMiddleware:
         assert self.authenticator is not None
         try:
             identity = await self.authenticator.authenticate(Connection(scope, token))
-        except _HTTPError:
+        except HTTPError:
             raise
         except Exception as exc:
             raise _unverifiable(exc) from None
@@ -503,7 +503,7 @@ class ContextMiddleware:
         """A token the JWT cache does not hold, verified as ``authenticate()`` would."""
         try:
             return await jwt._verify_uncached(token, digest)
-        except _HTTPError:
+        except HTTPError:
             raise
         except Exception as exc:
             raise _unverifiable(exc) from None
@@ -663,7 +663,7 @@ async def _reject(
     scope: Scope,
     receive: Receive,
     send: Send,
-    exc: _HTTPError,
+    exc: HTTPError,
     id_headers: list[tuple[bytes, bytes]],
     bearer: bool | None,
     before_app: bool,

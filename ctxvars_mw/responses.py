@@ -9,9 +9,9 @@ from typing import Any
 from .errors import (
     AuthenticationError,
     AuthenticationRequiredError,
+    HTTPError,
     PermissionDeniedError,
     ServiceUnavailableError,
-    _HTTPError,
 )
 from .types import Scope, Send
 
@@ -20,7 +20,7 @@ __all__ = ["error_body", "error_headers", "has_bearer_token", "send_error"]
 _JSON = (b"content-type", b"application/json")
 
 
-def error_body(exc: _HTTPError) -> dict[str, Any]:
+def error_body(exc: HTTPError) -> dict[str, Any]:
     """The JSON body for ``exc``: ``error``, ``error_description`` (and ``required``)."""
     body: dict[str, Any] = {"error": exc.error, "error_description": exc.description}
     if isinstance(exc, PermissionDeniedError):
@@ -28,7 +28,7 @@ def error_body(exc: _HTTPError) -> dict[str, Any]:
     return body
 
 
-def error_headers(exc: _HTTPError, *, bearer: bool) -> list[tuple[bytes, bytes]]:
+def error_headers(exc: HTTPError, *, bearer: bool) -> list[tuple[bytes, bytes]]:
     """``WWW-Authenticate`` / ``Retry-After`` headers for ``exc`` (``bearer``: the request
     carried a bearer token)."""
     if isinstance(exc, AuthenticationRequiredError):
@@ -54,7 +54,7 @@ async def send_error(
     scope: Scope,
     receive: Any,
     send: Send,
-    exc: _HTTPError,
+    exc: HTTPError,
     extra_headers: list[tuple[bytes, bytes]] | None = None,
     *,
     bearer: bool | None = None,

@@ -86,7 +86,7 @@ def test_no_error_shadows_a_builtin() -> None:
     ],
 )
 def test_http_errors_carry_status_code_and_error(
-    cls: type[errors._HTTPError], status: int, code: str
+    cls: type[errors.HTTPError], status: int, code: str
 ) -> None:
     """Each HTTP-facing error has its status code, an OAuth error code and a description."""
     exc = cls()
@@ -118,3 +118,23 @@ def test_existing_except_blocks_keep_working() -> None:
         raise ContextNotSetError("none")
     with pytest.raises(ValueError):
         raise MaxDepthExceededError("deep")
+
+
+def test_every_http_error_shares_the_public_base() -> None:
+    """One handler for HTTPError answers every HTTP-facing error, with its status code."""
+    from ctxvars_mw import HTTPError
+
+    for cls in (
+        AuthenticationError,
+        AuthenticationRequiredError,
+        InvalidTokenError,
+        ExpiredTokenError,
+        PermissionDeniedError,
+        PermissionEscalationError,
+        InvalidRequestError,
+        ServiceUnavailableError,
+    ):
+        assert issubclass(cls, HTTPError)
+        assert cls().status_code in (400, 401, 403, 503)
+    for cls in (ConfigurationError, InvalidContextError, ContextNotSetError):
+        assert not issubclass(cls, HTTPError)

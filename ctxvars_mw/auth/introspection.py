@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..errors import ConfigurationError, InvalidTokenError, ServiceUnavailableError, _HTTPError
+from ..errors import ConfigurationError, HTTPError, InvalidTokenError, ServiceUnavailableError
 from .base import Connection, Identity
 from .cache import TTLCache, token_digest
 from .claims import ClaimNames, ClaimRules
@@ -161,7 +161,7 @@ class OAuth2IntrospectionAuthenticator:
             if not isinstance(answer, dict):
                 raise ValueError("the response is not a JSON object")
             return answer
-        except _HTTPError:
+        except HTTPError:
             raise
         except Exception as exc:
             logger.error(

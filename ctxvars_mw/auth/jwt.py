@@ -21,8 +21,8 @@ import jwt.exceptions as jwt_errors
 from ..errors import (
     ConfigurationError,
     ExpiredTokenError,
+    HTTPError,
     InvalidTokenError,
-    _HTTPError,
 )
 from .base import Connection, Identity
 from .cache import TTLCache, token_digest
@@ -168,7 +168,7 @@ class JWTAuthenticator:
         try:
             compact = parse_compact(token)
             alg, kid = self._header_rules.check(compact.header)
-        except _HTTPError:
+        except HTTPError:
             raise
         except Exception as exc:
             raise from_pyjwt_error(exc) from exc
@@ -181,7 +181,7 @@ class JWTAuthenticator:
             if not verifier[0].verify(compact.signing_input, verifier[1], compact.signature):
                 raise InvalidTokenError("The token's signature is invalid.")
             identity = self._claim_rules.identity(compact.payload, self._clock(), "jwt")
-        except _HTTPError:
+        except HTTPError:
             raise
         except Exception as exc:
             raise from_pyjwt_error(exc) from exc

@@ -23,10 +23,10 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from ..errors import (
     AuthenticationError,
+    HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
     ServiceUnavailableError,
-    _HTTPError,
 )
 from ..responses import error_body, error_headers, has_bearer_token
 
@@ -42,7 +42,7 @@ _HANDLED = (
 GetResponse = Callable[[HttpRequest], HttpResponseBase | Awaitable[HttpResponseBase]]
 
 
-def error_response(request: HttpRequest, exc: _HTTPError) -> HttpResponse:
+def error_response(request: HttpRequest, exc: HTTPError) -> HttpResponse:
     """The JSON response :class:`~ctxvars_mw.ContextMiddleware` would send for ``exc``."""
     authorization = request.headers.get("Authorization")
     scope = (

@@ -19,17 +19,17 @@ from starlette.websockets import WebSocket, WebSocketState
 
 from ..errors import (
     AuthenticationError,
+    HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
     ServiceUnavailableError,
-    _HTTPError,
 )
 from ..responses import error_body, error_headers, has_bearer_token
 
 __all__ = ["HANDLED_ERRORS", "error_response", "install_exception_handlers"]
 
 #: The error classes :func:`install_exception_handlers` registers handlers for.
-HANDLED_ERRORS: tuple[type[_HTTPError], ...] = (
+HANDLED_ERRORS: tuple[type[HTTPError], ...] = (
     AuthenticationError,
     PermissionDeniedError,
     InvalidRequestError,
@@ -37,7 +37,7 @@ HANDLED_ERRORS: tuple[type[_HTTPError], ...] = (
 )
 
 
-def error_response(conn: HTTPConnection, exc: _HTTPError) -> Response:
+def error_response(conn: HTTPConnection, exc: HTTPError) -> Response:
     """The JSON response the middleware would send for ``exc`` on ``conn``'s request."""
     body = json.dumps(error_body(exc), separators=(",", ":")).encode("utf-8")
     headers = {
@@ -48,7 +48,7 @@ def error_response(conn: HTTPConnection, exc: _HTTPError) -> Response:
 
 
 async def _handle_websocket(websocket: WebSocket, exc: Exception) -> None:
-    assert isinstance(exc, _HTTPError)
+    assert isinstance(exc, HTTPError)
     if websocket.application_state == WebSocketState.CONNECTING and (
         "websocket.http.response" in (websocket.scope.get("extensions") or {})
     ):
@@ -62,7 +62,7 @@ async def _handle(conn: HTTPConnection, exc: Exception) -> Response | None:
     if isinstance(conn, WebSocket):
         await _handle_websocket(conn, exc)
         return None
-    assert isinstance(exc, _HTTPError)
+    assert isinstance(exc, HTTPError)
     return error_response(conn, exc)
 
 

@@ -24,7 +24,7 @@ from ctxvars_mw import (
     get_context,
     requires_permission,
 )
-from ctxvars_mw.errors import _HTTPError
+from ctxvars_mw.errors import HTTPError
 from ctxvars_mw.integrations.starlette import HANDLED_ERRORS, install_exception_handlers
 from ctxvars_mw.responses import error_body
 
@@ -32,7 +32,7 @@ from .helpers import TokenTableAuthenticator, bearer
 
 pytestmark = pytest.mark.integration
 
-ERRORS: dict[str, Callable[[], _HTTPError]] = {
+ERRORS: dict[str, Callable[[], HTTPError]] = {
     "auth-required": AuthenticationRequiredError,
     "invalid-token": InvalidTokenError,
     "denied": lambda: PermissionDeniedError("Needs billing:manage.", required=["billing:manage"]),
