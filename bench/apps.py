@@ -21,7 +21,6 @@ from starlette_context import plugins
 from starlette_context.middleware import RawContextMiddleware
 
 from ctxvars_mw import ContextMiddleware, get_context_or_none
-from ctxvars_mw import middleware as middleware_module
 from ctxvars_mw.types import ASGIApp, Receive, Scope, Send
 
 from . import tokens
@@ -55,17 +54,6 @@ def reading_app() -> Starlette:
     """The same app whose ``/`` endpoint reads the context: ctxvars_mw builds its context
     object on first use, so this is what a request that uses it costs."""
     return Starlette(routes=[Route("/", hello_reads), Route("/whoami", whoami)])
-
-
-def pure_python(factory: Callable[..., Any], app: ASGIApp) -> Any:
-    """``factory(app)`` built as without the C accelerator (what users without a compiler
-    run): the pure-Python path of ``ContextMiddleware``."""
-    saved = middleware_module._Accelerator
-    middleware_module._Accelerator = None
-    try:
-        return factory(app)
-    finally:
-        middleware_module._Accelerator = saved
 
 
 class FloorMiddleware:
@@ -138,11 +126,6 @@ def variants(uncached: str) -> list[Variant]:
         Variant("bare", "bare Starlette", bare_app),
         Variant("floor", "floor: pure ASGI, one ContextVar", lambda: FloorMiddleware(bare_app())),
         Variant("ctxvars", "ctxvars_mw anonymous", lambda: ContextMiddleware(bare_app())),
-        Variant(
-            "ctxvars_py",
-            "ctxvars_mw anonymous, pure Python (no C accelerator)",
-            lambda: pure_python(ContextMiddleware, bare_app()),
-        ),
         Variant(
             "ctxvars_read",
             "ctxvars_mw anonymous, endpoint reads the context",

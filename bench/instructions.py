@@ -28,7 +28,6 @@ VARIANTS = (
     "bare",
     "floor",
     "ctxvars",
-    "ctxvars_py",
     "ctxvars_read",
     "correlation",
     "starlette_context",

@@ -108,19 +108,18 @@ def _jwt_namespace() -> dict[str, Any]:
     token = tokens.mint("HS256", unique=False)
     identity = _complete(auth.verify(token))
     scope = http_scope(token)
-    middleware = ContextMiddleware(bare_app(), authenticator=auth)
+    admission = ContextMiddleware(bare_app(), authenticator=auth).admission
     return {
         "jwt_auth": auth,
         "token": token,
         "identity": identity,
         "scope": scope,
-        "auth_headers": [b"Bearer " + token.encode("ascii")],
-        "find_token": middleware._find_token,
-        "resolve": middleware._resolve,
+        "authorization": b"Bearer " + token.encode("ascii"),
+        "admission": admission,
+        "caller": admission.caller(identity),
         "Connection": Connection,
         "complete": _complete,
         "request_context": request_context,
-        "BUSINESS": Tier.BUSINESS,
     }
 
 
@@ -188,13 +187,12 @@ CASES: dict[str, tuple[str, str | None]] = {
 
 #: The cached-JWT request path, piece by piece (what the middleware adds over anonymous).
 JWT_CASES: dict[str, tuple[str, str | None]] = {
-    "JWT path: find the bearer token": ("find_token(scope, auth_headers, None)", None),
+    "JWT path: find the bearer token": ("admission.token(scope, authorization)", None),
     "JWT path: Connection(scope, token)": ("Connection(scope, token)", None),
     "JWT path: JWTAuthenticator.verify, cache hit": ("complete(jwt_auth.verify(token))", None),
-    "JWT path: ContextMiddleware._resolve, memo hit": ("resolve(identity)", None),
+    "JWT path: Admission.caller, memo hit": ("admission.caller(identity)", None),
     "JWT path: request_context, authenticated": (
-        "request_context(USER, TRACE, TRACE, TRACE, TRACE, TRACE, None, None, BUSINESS, ROLES,"
-        " PERMISSIONS, FEATURES, identity.claims, 'jwt', True)",
+        "request_context(caller, TRACE, TRACE, TRACE, None)",
         None,
     ),
 }

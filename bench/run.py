@@ -16,16 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import breakdown, driver, events_bench, instructions, memory, micro, report, wrk_bench
+from . import driver, events_bench, instructions, memory, micro, report, wrk_bench
 from .stats import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("asgi", "breakdown", "micro", "wrk", "memory", "events", "instructions")
+SECTIONS = ("asgi", "micro", "wrk", "memory", "events", "instructions")
 
 #: Parameters of each section: (quick, full).
 PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "asgi": ({"n": 400, "repeats": 3, "warmup": 100}, {"n": 3000, "repeats": 5, "warmup": 500}),
-    "breakdown": ({"n": 400, "repeats": 3}, {"n": 3000, "repeats": 5}),
     "micro": ({"repeats": 3, "block_seconds": 0.01}, {"repeats": 5, "block_seconds": 0.05}),
     "wrk": (
         {"rounds": 1, "seconds": 1, "connections": 8, "warmup": 1},
@@ -43,7 +42,6 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "asgi": driver.run,
-    "breakdown": breakdown.run,
     "micro": micro.run,
     "wrk": wrk_bench.run,
     "memory": memory.run,
@@ -51,7 +49,6 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "instructions": instructions.run,
 }
 UNAVAILABLE: dict[str, Callable[[], str | None]] = {
-    "breakdown": breakdown.available,
     "wrk": wrk_bench.available,
     "events": events_bench.available,
     "instructions": instructions.available,
@@ -59,7 +56,6 @@ UNAVAILABLE: dict[str, Callable[[], str | None]] = {
 
 
 _SECTION_WRITERS = (
-    ("breakdown", breakdown),
     ("events", events_bench),
     ("instructions", instructions),
 )

@@ -1,4 +1,20 @@
-"""UserExecutionContext: the immutable, validated record of who a piece of work runs for."""
+"""UserExecutionContext: the immutable, validated record of who a piece of work runs for.
+
+The fields are declared once, in the class body; everything else — the constructor's
+signature, equality, hashing, ``repr``, ``to_dict``/``from_dict``, ``replace`` and the copies
+that :meth:`~UserExecutionContext.child` and a request's context start from — is derived from
+that one declaration, so adding a field touches one place (and its check in ``__post_init__``).
+
+Two ways in:
+
+* **The constructor** (``UserExecutionContext(user_id=...)``, ``from_dict``, ``replace``) checks
+  every value in ``__post_init__`` and raises :class:`InvalidContextError`.
+* **Derivation** from a context that passed those checks — :meth:`child`, a request's context
+  from its caller's (:func:`request_context`) — copies the checked fields and sets only the ones
+  that change. A frozen dataclass pays ``object.__setattr__`` for each field it sets; the copy is
+  made on ``_Filler``, a mutable class with the same slots, whose class is then switched to the
+  frozen one, at a fifth of the cost.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +25,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from . import ids as _ids
+from . import ids
 from ._memo import remember
 from .errors import InvalidContextError, MaxDepthExceededError, PermissionEscalationError
 from .frozen import EMPTY, FrozenMap, freeze_mapping, thaw
-from .ids import MAX_ID_LENGTH, IdRules, generate_id, generate_ids, get_id_rules, is_valid_id
+from .ids import (
+    MAX_ID_LENGTH,
+    IdRules,
+    generate_id,
+    generate_id_pair,
+    get_id_rules,
+    is_valid_id,
+)
 from .tier import Tier
+from .w3c import is_trace_id
 
 __all__ = ["MAX_OPERATION_DEPTH", "RESERVED_METADATA_KEYS", "UserExecutionContext"]
 
@@ -34,13 +58,13 @@ RESERVED_METADATA_KEYS = frozenset(
 )
 ANONYMOUS_USER_ID = "anonymous"
 _EMPTY_SET: frozenset[str] = frozenset()
-_FREE = Tier.FREE
 _UTC = UTC
 _now = datetime.now
 _new = object.__new__
-# What get_id_rules() and is_valid_id() read, for the inline fast paths of __new__.
-_rules_get = _ids._rules_var.get
-_validated_get = _ids._validated.get
+_set = object.__setattr__
+# A field declared with this default is filled in by __post_init__ (a generated id, the
+# request id, the current time). Typed Any so that it can stand for a str or a datetime.
+_GENERATED: Any = None
 
 #: Set by ctxvars_mw.testing.ContextRegistry while tracking is enabled; None costs nothing.
 _track: Callable[[UserExecutionContext], None] | None = None
@@ -50,141 +74,6 @@ def _bad(message: str) -> NoReturn:
     raise InvalidContextError(message)
 
 
-def _check_id(name: str, value: object, rules: IdRules) -> str:
-    if type(value) is str and _validated_get(value) is rules:  # validated before: one lookup
-        return value
-    if isinstance(value, str) and is_valid_id(value, rules):
-        return value
-    if not isinstance(value, str):
-        _bad(f"{name} must be a string")
-    if not value or value.strip() != value or not value.isprintable():
-        _bad(f"{name} must be a non-empty string without surrounding whitespace")
-    if len(value) > MAX_ID_LENGTH:
-        _bad(f"{name} is longer than {MAX_ID_LENGTH} characters")
-    _bad(f"{name} is a placeholder value, not a real id")
-
-
-def _check_names(name: str, value: object) -> frozenset[str]:
-    if value is None:
-        return _EMPTY_SET
-    if type(value) is frozenset and _checked_names.get(value) is value:
-        return value
-    # Lists, tuples and sets skip the ABC check (an isinstance() against Iterable costs more
-    # than building the set).
-    if type(value) not in _PLAIN_COLLECTIONS and (
-        isinstance(value, (str, bytes)) or not isinstance(value, Iterable)
-    ):
-        _bad(f"{name} must be a collection of strings, not a single value")
-    try:
-        items = value if isinstance(value, frozenset) else frozenset(value)  # type: ignore[call-overload]
-    except TypeError:
-        _bad(f"{name} must contain only non-empty strings")
-    known = _checked_names.get(items)
-    if known is not None:  # the same names passed before (a list from JSON, say): that set
-        return known
-    for v in items:  # a plain loop: half the cost of all() over a generator
-        if not (isinstance(v, str) and v):
-            _bad(f"{name} must contain only non-empty strings")
-    if type(items) is frozenset:  # the same names may come again, as a set or a list
-        remember(_checked_names, items, items, _CHECKED_NAMES_MAX)
-    return items
-
-
-# Name sets that passed _check_names, each mapped to itself. The same object (``is``) costs
-# one lookup, for the frozensets a Policy hands out again and again; the same names in a new
-# collection (a list from JSON or a token) cost building the set, and get the remembered one.
-# Only sets of non-empty strs get in (a frozenset equals another only if its members do), so a
-# hit is always a valid set. Bounded; cleared when full.
-_checked_names: dict[frozenset[str], frozenset[str]] = {}
-_PLAIN_COLLECTIONS = frozenset({list, tuple, set, frozenset})
-_checked_names_get = _checked_names.get
-_CHECKED_NAMES_MAX = 1024
-
-
-def _given_ids(
-    thread_id: object, run_id: object, request_id: object, rules: IdRules
-) -> tuple[str, str, str]:
-    """Thread, run and request id when at least one is given: checked, the rest generated."""
-    gen = ("", "", "")
-    if thread_id is None or run_id is None or request_id is None:
-        gen = generate_ids()
-    return (
-        gen[0] if thread_id is None else _check_id("thread_id", thread_id, rules),
-        gen[1] if run_id is None else _check_id("run_id", run_id, rules),
-        gen[2] if request_id is None else _check_id("request_id", request_id, rules),
-    )
-
-
-def _check_metadata(name: str, value: object, *, reserved: bool = True) -> FrozenMap:
-    if not isinstance(value, Mapping):
-        _bad(f"{name} must be a mapping")
-    try:
-        frozen = freeze_mapping(value)
-    except TypeError as exc:
-        raise InvalidContextError(f"{name}: {exc}") from None
-    if reserved and not RESERVED_METADATA_KEYS.isdisjoint(frozen):
-        keys = ", ".join(sorted(RESERVED_METADATA_KEYS.intersection(frozen)))
-        _bad(f"{name} may not carry reserved keys: {keys}")
-    return frozen
-
-
-def _check_tier(value: object) -> Tier:
-    if isinstance(value, Tier):
-        return value
-    try:
-        return Tier.parse(value)  # type: ignore[arg-type]
-    except ValueError:
-        _bad("tier must be one of: " + ", ".join(t.value for t in Tier))
-
-
-def _check_depth(value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        _bad("operation_depth must be an int")
-    if value < 0:
-        _bad("operation_depth must be >= 0")
-    if value > MAX_OPERATION_DEPTH:
-        raise MaxDepthExceededError(f"operation_depth may not exceed {MAX_OPERATION_DEPTH}")
-    return value
-
-
-def _check_created_at(value: object) -> datetime:
-    if isinstance(value, str):
-        try:
-            value = datetime.fromisoformat(value)
-        except ValueError:
-            _bad("created_at is not an ISO 8601 timestamp")
-    if not isinstance(value, datetime) or value.tzinfo is None:
-        _bad("created_at must be a timezone-aware datetime")
-    return value.astimezone(_UTC)
-
-
-def _check_trace_id(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and len(value) == 32 and value != _ZERO_TRACE:
-        # fromhex() refuses anything but hex digits and whitespace; hex() gives back 32
-        # lowercase digits, equal to ``value`` only when that is what it was. Half the cost
-        # of value.strip("0123456789abcdef").
-        try:
-            if _fromhex(value).hex() == value:
-                return value
-        except ValueError:
-            pass
-    _bad("trace_id must be 32 lowercase hex characters, not all zero")
-
-
-_ZERO_TRACE = "0" * 32
-_fromhex = bytes.fromhex
-
-
-def _check_optional_text(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or not value.isprintable():
-        _bad(f"{name} must be a non-empty string")
-    return value
-
-
 class _ContextBase:
     """Holds the ``__weakref__`` slot, so that the field slots of the context and of its
     mutable twin (``_Filler``) have the same layout and ``__class__`` can switch between them."""
@@ -192,7 +81,7 @@ class _ContextBase:
     __slots__ = ("__weakref__",)
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UserExecutionContext(_ContextBase):
     """Who a request (or a sub-operation of one) runs for, immutable and validated.
 
@@ -201,17 +90,21 @@ class UserExecutionContext(_ContextBase):
     """
 
     user_id: str
-    thread_id: str
-    run_id: str
-    request_id: str
-    correlation_id: str
+    thread_id: str = _GENERATED
+    run_id: str = _GENERATED
+    request_id: str = _GENERATED
+    correlation_id: str = _GENERATED
     session_id: str | None = None
     tier: Tier = Tier.FREE
     roles: frozenset[str] = _EMPTY_SET
     permissions: frozenset[str] = _EMPTY_SET
     features: frozenset[str] = _EMPTY_SET
+    #: The OAuth scopes the caller's token carries (also part of ``permissions``).
+    scopes: frozenset[str] = _EMPTY_SET
     claims: Mapping[str, Any] = EMPTY
     auth_method: str | None = None
+    #: The OAuth client the caller's token was issued to, when the token names one.
+    client_id: str | None = None
     is_authenticated: bool = True
     agent_context: Mapping[str, Any] = EMPTY
     audit_metadata: Mapping[str, Any] = EMPTY
@@ -220,119 +113,69 @@ class UserExecutionContext(_ContextBase):
     operation: str | None = None
     operation_depth: int = 0
     parent_request_id: str | None = None
-    created_at: datetime = field(default_factory=lambda: _now(_UTC))
+    created_at: datetime = _GENERATED
     db_session: Any = field(default=None, compare=False, hash=False, repr=False)
 
-    # Built in __new__, not __init__: __init__ would be handed an instance of this frozen
-    # class and have to switch it to _Filler and back, and each ``__class__`` assignment
-    # costs ~500 instructions (CPython compares the two classes' slots). __new__ fills a new
-    # _Filler and switches it once.
-    def __new__(
-        cls,
-        *,
-        user_id: str,
-        thread_id: str | None = None,
-        run_id: str | None = None,
-        request_id: str | None = None,
-        correlation_id: str | None = None,
-        session_id: str | None = None,
-        tier: Tier | str = Tier.FREE,
-        roles: Iterable[str] = _EMPTY_SET,
-        permissions: Iterable[str] = _EMPTY_SET,
-        features: Iterable[str] = _EMPTY_SET,
-        claims: Mapping[str, Any] | None = None,
-        auth_method: str | None = None,
-        is_authenticated: bool = True,
-        agent_context: Mapping[str, Any] | None = None,
-        audit_metadata: Mapping[str, Any] | None = None,
-        websocket_client_id: str | None = None,
-        trace_id: str | None = None,
-        operation: str | None = None,
-        operation_depth: int = 0,
-        parent_request_id: str | None = None,
-        created_at: datetime | None = None,
-        db_session: Any = None,
-    ) -> UserExecutionContext:
-        # The common values are accepted inline (an ``is``, a type check or a memo lookup):
-        # a Python call per field would be a large share of the constructor's cost. Anything
-        # else, and every refusal, goes through the full check of the field.
-        rules = _rules_get()  # get_id_rules(), inline
-        if rules is None:
-            rules = _ids._global_rules
-        if not isinstance(is_authenticated, bool):
+    def __post_init__(self) -> None:
+        # Common values are accepted with an ``is`` or a memo lookup; anything else, and every
+        # refusal, goes through the full check of its field. Checks run in field order, so of
+        # two bad values the first is reported.
+        rules = get_id_rules()
+        if type(self.is_authenticated) is not bool:
             _bad("is_authenticated must be a bool")
-        if (is_authenticated or user_id != ANONYMOUS_USER_ID) and (
-            type(user_id) is not str or _validated_get(user_id) is not rules
-        ):
-            _check_id("user_id", user_id, rules)
-        if thread_id is None and run_id is None and request_id is None:
-            thread_id, run_id, request_id = generate_ids()
+        anonymous = self.user_id == ANONYMOUS_USER_ID and not self.is_authenticated
+        if not anonymous:
+            _check_id("user_id", self.user_id, rules)
+        for name in ("thread_id", "run_id", "request_id"):
+            value = getattr(self, name)
+            if value is None:
+                _set(self, name, generate_id())
+            else:
+                _check_id(name, value, rules)
+        if self.correlation_id is None:
+            _set(self, "correlation_id", self.request_id)
         else:
-            thread_id, run_id, request_id = _given_ids(thread_id, run_id, request_id, rules)
-        if type(tier) is not Tier:
-            tier = _check_tier(tier)
-        # Name sets: the shared empty set, or a frozenset that passed before (_check_names).
-        if roles is not _EMPTY_SET and (
-            type(roles) is not frozenset or _checked_names_get(roles) is not roles
+            _check_id("correlation_id", self.correlation_id, rules)
+        if self.session_id is not None:
+            _check_id("session_id", self.session_id, rules)
+        if type(self.tier) is not Tier:
+            _set(self, "tier", _check_tier(self.tier))
+        for name in ("roles", "permissions", "features", "scopes"):
+            value = getattr(self, name)
+            if value is not _EMPTY_SET:
+                _set(self, name, _check_names(name, value))
+        if self.user_id == ANONYMOUS_USER_ID and (
+            self.tier is not Tier.FREE or self.roles or self.permissions or self.scopes
         ):
-            roles = _check_names("roles", roles)
-        if permissions is not _EMPTY_SET and (
-            type(permissions) is not frozenset or _checked_names_get(permissions) is not permissions
-        ):
-            permissions = _check_names("permissions", permissions)
-        if features is not _EMPTY_SET and (
-            type(features) is not frozenset or _checked_names_get(features) is not features
-        ):
-            features = _check_names("features", features)
-        # The middleware gives anonymous requests the free tier's features; those are kept.
-        if user_id == ANONYMOUS_USER_ID and (tier is not _FREE or roles or permissions):
-            _bad("the anonymous context has tier FREE and no roles or permissions")
-        # The remaining checks run in field order, as they always have (so that, of two bad
-        # values, the same one is reported).
-        if correlation_id is None:
-            correlation_id = request_id
+            _bad("the anonymous context has tier FREE and no roles, permissions or scopes")
+        if self.claims is not EMPTY:
+            _set(
+                self,
+                "claims",
+                _check_metadata(
+                    "claims", EMPTY if self.claims is None else self.claims, reserved=False
+                ),
+            )
+        _check_optional_text("auth_method", self.auth_method)
+        _check_optional_text("client_id", self.client_id)
+        for name in ("agent_context", "audit_metadata"):
+            value = getattr(self, name)
+            if value is not EMPTY:
+                _set(self, name, _check_metadata(name, EMPTY if value is None else value))
+        for name in ("websocket_client_id", "parent_request_id"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_id(name, value, rules)
+        if self.trace_id is not None and not is_trace_id(self.trace_id):
+            _bad("trace_id must be 32 lowercase hex characters, not all zero")
+        _check_optional_text("operation", self.operation)
+        _check_depth(self.operation_depth)
+        if self.created_at is None:
+            _set(self, "created_at", _now(_UTC))
         else:
-            correlation_id = _check_id("correlation_id", correlation_id, rules)
-        if session_id is not None and (
-            type(session_id) is not str or _validated_get(session_id) is not rules
-        ):
-            _check_id("session_id", session_id, rules)
-        claims = EMPTY if claims is None else _check_metadata("claims", claims, reserved=False)
-        if auth_method is not None and not (
-            type(auth_method) is str and auth_method.isprintable() and auth_method.strip()
-        ):
-            _check_optional_text("auth_method", auth_method)
-        return _fill(
-            _new(_Filler),
-            user_id,
-            thread_id,
-            run_id,
-            request_id,
-            correlation_id,
-            session_id,
-            tier,
-            roles,
-            permissions,
-            features,
-            claims,
-            auth_method,
-            is_authenticated,
-            EMPTY if agent_context is None else _check_metadata("agent_context", agent_context),
-            EMPTY if audit_metadata is None else _check_metadata("audit_metadata", audit_metadata),
-            None
-            if websocket_client_id is None
-            else _check_id("websocket_client_id", websocket_client_id, rules),
-            None if trace_id is None else _check_trace_id(trace_id),
-            None if operation is None else _check_optional_text("operation", operation),
-            0
-            if operation_depth == 0 and type(operation_depth) is int
-            else _check_depth(operation_depth),
-            None
-            if parent_request_id is None
-            else _check_id("parent_request_id", parent_request_id, rules),
-            _now(_UTC) if created_at is None else _check_created_at(created_at),
-            db_session,
-        )
+            _set(self, "created_at", _check_created_at(self.created_at))
+        if _track is not None:
+            _track(self)
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -362,60 +205,36 @@ class UserExecutionContext(_ContextBase):
         depth = self.operation_depth + 1
         if depth > MAX_OPERATION_DEPTH:
             raise MaxDepthExceededError(f"operation_depth may not exceed {MAX_OPERATION_DEPTH}")
-        perms = self.permissions
+        new = _copy(self)
         if permissions is not None:
-            perms = _check_names("permissions", permissions)
-            extra = sorted(p for p in perms if not self.has_permission(p))
+            narrowed = _check_names("permissions", permissions)
+            extra = sorted(p for p in narrowed if not self.has_permission(p))
             if extra:
                 raise PermissionEscalationError(
-                    "a child context may only narrow its parent's permissions",
-                    required=extra,
+                    "a child context may only narrow its parent's permissions", required=extra
                 )
-        agent = self.agent_context
+            new.permissions = narrowed
         if agent_context is not None:
-            agent = agent.merged(_check_metadata("agent_context", agent_context))  # type: ignore[attr-defined]
-        audit = self.audit_metadata
+            new.agent_context = self.agent_context.merged(  # type: ignore[attr-defined]
+                _check_metadata("agent_context", agent_context)
+            )
         if audit_metadata is not None:
-            audit = audit.merged(_check_metadata("audit_metadata", audit_metadata))  # type: ignore[attr-defined]
-        return _fill(
-            _new(_Filler),
-            self.user_id,
-            self.thread_id,
-            self.run_id,
-            generate_id(),
-            self.correlation_id,
-            self.session_id,
-            self.tier,
-            self.roles,
-            perms,
-            self.features,
-            self.claims,
-            self.auth_method,
-            self.is_authenticated,
-            agent,
-            audit,
-            self.websocket_client_id,
-            self.trace_id,
-            operation,
-            depth,
-            self.request_id,
-            _now(_UTC),
-            self.db_session,
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle and copy: the default reduction calls ``cls.__new__(cls)``, which needs the
-        fields; restore the state (``__setstate__``) on a bare instance instead, as before."""
-        return (_bare, (), self.__getstate__())
+            new.audit_metadata = self.audit_metadata.merged(  # type: ignore[attr-defined]
+                _check_metadata("audit_metadata", audit_metadata)
+            )
+        new.request_id = generate_id()
+        new.operation = operation
+        new.operation_depth = depth
+        new.parent_request_id = self.request_id
+        new.created_at = _now(_UTC)
+        return _seal(new)
 
     def replace(self, **changes: Any) -> UserExecutionContext:
         """A validated copy with ``changes`` applied."""
-        values = {f.name: getattr(self, f.name) for f in _FIELDS}
-        unknown = set(changes) - values.keys()
+        unknown = changes.keys() - _FIELD_NAMES
         if unknown:
             _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
-        values.update(changes)
-        return UserExecutionContext(**values)
+        return dataclasses.replace(self, **changes)
 
     def with_db_session(self, session: Any) -> UserExecutionContext:
         """A copy carrying ``session`` (a database session) as ``db_session``."""
@@ -427,10 +246,8 @@ class UserExecutionContext(_ContextBase):
         """A copy bound to a websocket client id."""
         if not client_id:
             _bad("with_websocket_client() needs a client id")
-        return evolve(
-            self,
-            websocket_client_id=_check_id("websocket_client_id", client_id, get_id_rules()),
-        )
+        _check_id("websocket_client_id", client_id, get_id_rules())
+        return evolve(self, websocket_client_id=client_id)
 
     # -- checks ----------------------------------------------------------------------------
 
@@ -465,37 +282,16 @@ class UserExecutionContext(_ContextBase):
     # -- serialization ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict of every field but ``db_session``."""
-        return {
-            "user_id": self.user_id,
-            "thread_id": self.thread_id,
-            "run_id": self.run_id,
-            "request_id": self.request_id,
-            "correlation_id": self.correlation_id,
-            "session_id": self.session_id,
-            "tier": self.tier.value,
-            "roles": sorted(self.roles),
-            "permissions": sorted(self.permissions),
-            "features": sorted(self.features),
-            "claims": thaw(self.claims),
-            "auth_method": self.auth_method,
-            "is_authenticated": self.is_authenticated,
-            "agent_context": thaw(self.agent_context),
-            "audit_metadata": thaw(self.audit_metadata),
-            "websocket_client_id": self.websocket_client_id,
-            "trace_id": self.trace_id,
-            "operation": self.operation,
-            "operation_depth": self.operation_depth,
-            "parent_request_id": self.parent_request_id,
-            "created_at": self.created_at.isoformat(),
-        }
+        """A JSON-serializable dict of every field but ``db_session``: the tier as its value,
+        name sets as sorted lists, mappings as plain dicts, ``created_at`` in ISO 8601."""
+        return {name: _plain(getattr(self, name)) for name in _SERIALIZED_NAMES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UserExecutionContext:
         """Rebuild (and validate) a context from :meth:`to_dict` output."""
         if not isinstance(data, Mapping):
             _bad("from_dict() takes a mapping")
-        unknown = set(data) - _SERIALIZED_NAMES
+        unknown = set(data) - set(_SERIALIZED_NAMES)
         if unknown:
             _bad(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         if "user_id" not in data:
@@ -529,6 +325,7 @@ class UserExecutionContext(_ContextBase):
             "tier": self.tier.value,
             "roles": sorted(self.roles),
             "auth_method": self.auth_method,
+            "client_id": self.client_id,
             "is_authenticated": self.is_authenticated,
             "session_id": self.session_id,
             "has_db_session": self.db_session is not None,
@@ -552,81 +349,42 @@ def _frozen_delattr(self: object, name: str) -> NoReturn:
 UserExecutionContext.__setattr__ = _frozen_setattr  # type: ignore[method-assign]
 UserExecutionContext.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
 
-_FIELDS = dataclasses.fields(UserExecutionContext)
-_FIELD_NAMES = tuple(f.name for f in _FIELDS)
-_FIELD_INDEX = {name: i for i, name in enumerate(_FIELD_NAMES)}
-_SERIALIZED_NAMES = frozenset(f.name for f in _FIELDS) - {"db_session"}
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(UserExecutionContext))
+_SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
+_SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
 
 
 class _Filler(_ContextBase):
-    """The mutable twin of UserExecutionContext: same slots, same layout.
+    """The mutable twin of UserExecutionContext: same slots, same layout (see the module
+    docstring). Only ever seen inside this module, between :func:`_copy` and :func:`_seal`."""
 
-    A frozen dataclass pays for ``object.__setattr__`` on every field (about 60 ns each, 22
-    fields); plain attribute stores on this twin cost a fifth of that. :func:`_fill` fills the
-    slots with already-validated values, then switches the object's class to the frozen one.
+    __slots__ = _SLOTS
+
+
+def _compile_copy() -> Callable[[UserExecutionContext], Any]:
+    """``_copy(ctx)``: a ``_Filler`` holding every field of ``ctx``.
+
+    Generated from the field declarations, as dataclasses generates ``__init__``: one plain
+    attribute copy per field, with no loop and no ``getattr``/``setattr`` calls.
     """
+    lines = ["def _copy(src):", "    new = _new(_Filler)"]
+    lines += [f"    new.{name} = src.{name}" for name in _SLOTS]
+    lines.append("    return new")
+    namespace: dict[str, Any] = {"_new": _new, "_Filler": _Filler}
+    exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the field names
+    copy: Callable[[UserExecutionContext], Any] = namespace["_copy"]
+    return copy
 
-    __slots__ = tuple(f.name for f in _FIELDS)
+
+_copy = _compile_copy()
 
 
-# A module function, not _Filler.__init__: ``_fill(_new(_Filler), ...)`` skips the generic
-# type call (an argument tuple, a lookup of __init__ and a call from C).
-def _fill(
-    self: Any,  # a _Filler (typed Any: its slots are not declared to the type checker)
-    user_id: str,
-    thread_id: str,
-    run_id: str,
-    request_id: str,
-    correlation_id: str,
-    session_id: str | None,
-    tier: Tier,
-    roles: frozenset[str],
-    permissions: frozenset[str],
-    features: frozenset[str],
-    claims: Mapping[str, Any],
-    auth_method: str | None,
-    is_authenticated: bool,
-    agent_context: Mapping[str, Any],
-    audit_metadata: Mapping[str, Any],
-    websocket_client_id: str | None,
-    trace_id: str | None,
-    operation: str | None,
-    operation_depth: int,
-    parent_request_id: str | None,
-    created_at: datetime,
-    db_session: Any,
-) -> UserExecutionContext:
-    self.user_id = user_id
-    self.thread_id = thread_id
-    self.run_id = run_id
-    self.request_id = request_id
-    self.correlation_id = correlation_id
-    self.session_id = session_id
-    self.tier = tier
-    self.roles = roles
-    self.permissions = permissions
-    self.features = features
-    self.claims = claims
-    self.auth_method = auth_method
-    self.is_authenticated = is_authenticated
-    self.agent_context = agent_context
-    self.audit_metadata = audit_metadata
-    self.websocket_client_id = websocket_client_id
-    self.trace_id = trace_id
-    self.operation = operation
-    self.operation_depth = operation_depth
-    self.parent_request_id = parent_request_id
-    self.created_at = created_at
-    self.db_session = db_session
-    self.__class__ = UserExecutionContext
+def _seal(new: Any) -> UserExecutionContext:
+    """Turn a filled ``_Filler`` into the frozen context it stands for."""
+    new.__class__ = UserExecutionContext
     if _track is not None:
-        _track(self)
-    return self  # type: ignore[no-any-return]
-
-
-def _bare() -> UserExecutionContext:
-    """An empty instance, for unpickling (its slots are then filled by ``__setstate__``)."""
-    return _new(UserExecutionContext)
+        _track(new)
+    return new  # type: ignore[no-any-return]
 
 
 def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
@@ -635,57 +393,159 @@ def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
     For callers that have already validated (and, for mappings, frozen) every changed value;
     anything else must go through :meth:`UserExecutionContext.replace`.
     """
-    values = [getattr(ctx, name) for name in _FIELD_NAMES]
+    new = _copy(ctx)
     for name, value in changes.items():
-        values[_FIELD_INDEX[name]] = value
-    return _fill(_new(_Filler), *values)
+        setattr(new, name, value)
+    return _seal(new)
+
+
+#: The validated fields of a caller (see :func:`caller_template`): what :func:`request_context`
+#: copies. An unsealed ``_Filler``: not a context itself, so never counted as a live one.
+CallerTemplate = Any
+
+
+def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
+    """The template that the contexts of ``ctx``'s caller's requests are copied from."""
+    return _copy(ctx)
 
 
 def request_context(
-    user_id: str,
-    thread_id: str,
-    run_id: str,
+    caller: CallerTemplate,
     request_id: str,
     correlation_id: str,
     trace_id: str | None,
     websocket_client_id: str | None,
-    session_id: str | None,
-    tier: Tier,
-    roles: frozenset[str],
-    permissions: frozenset[str],
-    features: frozenset[str],
-    claims: Mapping[str, Any],
-    auth_method: str | None,
-    is_authenticated: bool,
-    created_at: datetime | None = None,
+    outer: UserExecutionContext | None = None,
 ) -> UserExecutionContext:
-    """The middleware's fast path: a root context from values it has already validated.
+    """The context of a new request by ``caller`` (the template of a validated context that
+    holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the request's
+    checked ids.
 
-    Every argument is positional and required: this runs once per request, and a keyword
-    call with defaults costs more than the rest of the function.
+    New thread and run ids are drawn, unless the request is already handled by an ``outer``
+    middleware whose context they are taken from.
     """
-    return _fill(
-        _new(_Filler),
-        user_id,
-        thread_id,
-        run_id,
-        request_id,
-        correlation_id,
-        session_id,
-        tier,
-        roles,
-        permissions,
-        features,
-        claims,
-        auth_method,
-        is_authenticated,
-        EMPTY,
-        EMPTY,
-        websocket_client_id,
-        trace_id,
-        None,
-        0,
-        None,
-        _now(_UTC) if created_at is None else created_at,
-        None,
-    )
+    new = _copy(caller)
+    if outer is None:
+        new.thread_id, new.run_id = generate_id_pair()
+    else:
+        new.thread_id = outer.thread_id
+        new.run_id = outer.run_id
+    new.request_id = request_id
+    new.correlation_id = correlation_id
+    new.trace_id = trace_id
+    new.websocket_client_id = websocket_client_id
+    new.created_at = _now(_UTC)
+    return _seal(new)
+
+
+# -- field checks ------------------------------------------------------------------------
+
+
+def _check_id(name: str, value: object, rules: IdRules) -> None:
+    if type(value) is str and ids._validated.get(value) is rules:  # validated before
+        return
+    if isinstance(value, str) and is_valid_id(value, rules):
+        return
+    if not isinstance(value, str):
+        _bad(f"{name} must be a string")
+    if not value or value.strip() != value or not value.isprintable():
+        _bad(f"{name} must be a non-empty string without surrounding whitespace")
+    if len(value) > MAX_ID_LENGTH:
+        _bad(f"{name} is longer than {MAX_ID_LENGTH} characters")
+    _bad(f"{name} is a placeholder value, not a real id")
+
+
+def _check_names(name: str, value: object) -> frozenset[str]:
+    if value is None:
+        return _EMPTY_SET
+    if type(value) is frozenset and _checked_names.get(value) is value:
+        return value
+    # Lists, tuples and sets skip the ABC check (an isinstance() against Iterable costs more
+    # than building the set).
+    if type(value) not in _PLAIN_COLLECTIONS and (
+        isinstance(value, (str, bytes)) or not isinstance(value, Iterable)
+    ):
+        _bad(f"{name} must be a collection of strings, not a single value")
+    try:
+        items = value if isinstance(value, frozenset) else frozenset(value)  # type: ignore[call-overload]
+    except TypeError:
+        _bad(f"{name} must contain only non-empty strings")
+    known = _checked_names.get(items)
+    if known is not None:  # the same names passed before (a list from JSON, say): that set
+        return known
+    for v in items:
+        if not (isinstance(v, str) and v):
+            _bad(f"{name} must contain only non-empty strings")
+    if type(items) is frozenset:  # the same names may come again, as a set or a list
+        remember(_checked_names, items, items, _CHECKED_NAMES_MAX)
+    return items
+
+
+# Name sets that passed _check_names, each mapped to itself. The same object (``is``) costs
+# one lookup, for the frozensets a Policy hands out again and again; the same names in a new
+# collection (a list from JSON or a token) cost building the set, and get the remembered one.
+# Only sets of non-empty strs get in (a frozenset equals another only if its members do), so a
+# hit is always a valid set. Bounded; cleared when full.
+_checked_names: dict[frozenset[str], frozenset[str]] = {}
+_PLAIN_COLLECTIONS = frozenset({list, tuple, set, frozenset})
+_CHECKED_NAMES_MAX = 1024
+
+
+def _check_metadata(name: str, value: object, *, reserved: bool = True) -> FrozenMap:
+    if not isinstance(value, Mapping):
+        _bad(f"{name} must be a mapping")
+    try:
+        frozen = freeze_mapping(value)
+    except TypeError as exc:
+        raise InvalidContextError(f"{name}: {exc}") from None
+    if reserved and not RESERVED_METADATA_KEYS.isdisjoint(frozen):
+        keys = ", ".join(sorted(RESERVED_METADATA_KEYS.intersection(frozen)))
+        _bad(f"{name} may not carry reserved keys: {keys}")
+    return frozen
+
+
+def _check_tier(value: object) -> Tier:
+    try:
+        return Tier.parse(value)  # type: ignore[arg-type]
+    except ValueError:
+        _bad("tier must be one of: " + ", ".join(t.value for t in Tier))
+
+
+def _check_depth(value: object) -> None:
+    if type(value) is int and 0 <= value <= MAX_OPERATION_DEPTH:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        _bad("operation_depth must be an int")
+    if value < 0:
+        _bad("operation_depth must be >= 0")
+    raise MaxDepthExceededError(f"operation_depth may not exceed {MAX_OPERATION_DEPTH}")
+
+
+def _check_created_at(value: object) -> datetime:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            _bad("created_at is not an ISO 8601 timestamp")
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        _bad("created_at must be a timezone-aware datetime")
+    return value if value.tzinfo is _UTC else value.astimezone(_UTC)
+
+
+def _check_optional_text(name: str, value: object) -> None:
+    if value is None or (type(value) is str and value.isprintable() and value.strip()):
+        return
+    _bad(f"{name} must be a non-empty string")
+
+
+def _plain(value: Any) -> Any:
+    """A field's value as JSON data (for :meth:`UserExecutionContext.to_dict`)."""
+    if isinstance(value, Tier):
+        return value.value
+    if isinstance(value, frozenset):
+        return sorted(value)
+    if isinstance(value, FrozenMap):
+        return thaw(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

@@ -25,89 +25,77 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# The one ContextVar. It holds a UserExecutionContext, None, or a *frame*: a list
-# ``[context or None, build, args, cleanups, headers]``.
+# The one ContextVar. It holds a *frame*: ``(context, cleanups, headers)``.
 #
-# - A request that ContextMiddleware handles is a *pending* frame ``[None, build, args,
-#   cleanups, headers]``. The middleware has already done everything that decides the
-#   request's fate (ids validated, caller authenticated, session checked); what is left, the
-#   22-field object itself, is built by ``build(*args)`` the first time anything asks for it,
-#   and then stands in the first slot for every later reader, in every task and thread of
-#   the request. A request whose code never reads its context (health checks, static files,
-#   most proxies' traffic) never pays for one.
-# - ``cleanups`` is the list of the request's (or a ``resource_scope()``'s) cleanups, so one
-#   ContextVar carries both. ``use_context()`` inside a frame sets ``[ctx, None, None,
-#   cleanups, headers]``: the new context, the same cleanup list. A frame with no context at
-#   all (a ``resource_scope()`` outside any) is ``[None, None, None, cleanups, None]``.
-# - ``headers`` is the request's ``scope["headers"]`` list: a ContextMiddleware nested in
-#   the same request (a mounted sub-app with its own) finds the frame of a request whose
+# - ``context`` is the current UserExecutionContext, or None.
+# - ``cleanups`` is the cleanup list of the innermost request or ``resource_scope()``
+#   (``ctxvars_mw.resources``), or None: one ContextVar carries both, so a request sets one.
+# - ``headers`` is the request's ``scope["headers"]`` list, or None. A ContextMiddleware nested
+#   in the same request (a mounted sub-app with its own) finds the frame of a request whose
 #   header list is its own, and keeps that request's ids; any other ASGI call (an in-process
 #   ``httpx.ASGITransport`` request made by a handler) has a list of its own.
 #
-# A plain list because the middleware makes one per request: a literal costs a tenth of an
-# instance of a class of our own.
-_Pending = list[Any]
-_current: ContextVar[UserExecutionContext | _Pending | None] = ContextVar(
-    "ctxvars_mw.context", default=None
-)
-_get_raw = _current.get
-_CLEANUPS = 3  # the index of a frame's cleanup list
-_HEADERS = 4  # the index of a frame's request header list
-_FIRST_BUILT = 5  # the index of the first context appended to a pending frame
-
-
-def _materialize(pending: _Pending) -> UserExecutionContext | None:
-    """Build a pending frame's context and return the one every reader of it gets (None for
-    a frame without a context).
-
-    Threads that read a new request's context at the same moment may each build one; each
-    appends its own (``list.append`` is atomic), and all of them return the first appended,
-    so the request has one context object, one set of generated ids. No lock, which the
-    first read of every request would pay for to settle a race that is rare and harmless.
-    """
-    build = pending[1]
-    if build is None:
-        return None
-    pending.append(build(*pending[2]))
-    ctx: UserExecutionContext = pending[_FIRST_BUILT]
-    pending[0] = ctx
-    return ctx
-
-
-def _set(ctx: UserExecutionContext) -> Token[UserExecutionContext | _Pending | None]:
-    """Make ``ctx`` current (reset with the token), keeping the enclosing frame's cleanups."""
-    outer = _get_raw()
-    if type(outer) is list:
-        return _current.set([ctx, None, None, outer[_CLEANUPS], outer[_HEADERS]])
-    return _current.set(ctx)
-
-
-def resolved(value: UserExecutionContext | _Pending | None) -> UserExecutionContext | None:
-    """The context that ``value``, a value of the ContextVar, stands for."""
-    if type(value) is list:
-        return value[0] or _materialize(value)
-    return value  # type: ignore[return-value]
+# ``use_context()`` inside a request sets a frame with its context and the request's cleanups
+# and headers. A tuple because it is the cheapest object there is; the functions below are
+# the only code that knows its layout.
+Frame = tuple[UserExecutionContext | None, "list[Any] | None", "list[Any] | None"]
+_NO_FRAME: Frame = (None, None, None)
+_current: ContextVar[Frame] = ContextVar("ctxvars_mw.context", default=_NO_FRAME)
+_get_frame = _current.get
+FrameToken = Token[Frame]
 
 
 def get_context() -> UserExecutionContext:
     """The current context; raises :class:`ContextNotSetError` outside a request."""
-    ctx = _get_raw()
-    if type(ctx) is list:
-        ctx = ctx[0] or _materialize(ctx)
+    ctx = _get_frame()[0]
     if ctx is None:
         raise ContextNotSetError(
             "no UserExecutionContext is set: call this inside a request handled by "
             "ContextMiddleware, or inside a use_context() block"
         )
-    return ctx  # type: ignore[return-value]
+    return ctx
 
 
 def get_context_or_none() -> UserExecutionContext | None:
     """The current context, or None outside a request."""
-    ctx = _get_raw()
-    if type(ctx) is list:
-        return ctx[0] or _materialize(ctx)
-    return ctx  # type: ignore[return-value]
+    return _get_frame()[0]
+
+
+def set_context(ctx: UserExecutionContext) -> FrameToken:
+    """Make ``ctx`` current, keeping the enclosing request's cleanups and headers; undo with
+    :func:`reset_frame` and the token (for integrations that cannot use ``use_context``)."""
+    _, cleanups, headers = _get_frame()
+    return _current.set((ctx, cleanups, headers))
+
+
+def open_frame(
+    ctx: UserExecutionContext | None, cleanups: list[Any], headers: list[Any] | None
+) -> FrameToken:
+    """Start a request's (or a resource scope's) frame: ``ctx`` current, ``cleanups`` the list
+    that ``attach_resource()`` adds to, ``headers`` the request's header list (or None)."""
+    return _current.set((ctx, cleanups, headers))
+
+
+def reset_frame(token: FrameToken) -> None:
+    """Restore the frame that was current before ``token``'s ``set``."""
+    _current.reset(token)
+
+
+def current_cleanups() -> list[Any] | None:
+    """The cleanup list of the innermost request or resource scope, if any."""
+    return _get_frame()[1]
+
+
+def current_headers() -> list[Any] | None:
+    """The header list of the request being handled, if any."""
+    return _get_frame()[2]
+
+
+def request_context_for(headers: list[Any]) -> UserExecutionContext | None:
+    """The context of the request whose ``scope["headers"]`` is ``headers``, when that very
+    request is being handled already (a ContextMiddleware nested in it)."""
+    ctx, _, current = _get_frame()
+    return ctx if current is headers else None
 
 
 class use_context:  # noqa: N801 - used like a function, as contextlib's helpers are
@@ -119,10 +107,10 @@ class use_context:  # noqa: N801 - used like a function, as contextlib's helpers
         if not isinstance(ctx, UserExecutionContext):
             raise TypeError("use_context() takes a UserExecutionContext")
         self._ctx = ctx
-        self._tokens: list[Token[UserExecutionContext | _Pending | None]] = []
+        self._tokens: list[FrameToken] = []
 
     def __enter__(self) -> UserExecutionContext:
-        self._tokens.append(_set(self._ctx))
+        self._tokens.append(set_context(self._ctx))
         return self._ctx
 
     def __exit__(
@@ -131,7 +119,7 @@ class use_context:  # noqa: N801 - used like a function, as contextlib's helpers
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _current.reset(self._tokens.pop())
+        reset_frame(self._tokens.pop())
 
     async def __aenter__(self) -> UserExecutionContext:
         return self.__enter__()

@@ -1,4 +1,4 @@
-"""Request and correlation ids: generation, header validation, placeholder rules, W3C traceparent.
+"""Every id rule: generated ids, incoming header ids, and the placeholder rules for all ids.
 
 Id rules are an immutable :class:`IdRules` value. The current rules come from
 :func:`use_id_rules` (a context manager, task-local) or :func:`set_id_rules` (process-wide);
@@ -8,8 +8,8 @@ they are never read from an environment variable.
 from __future__ import annotations
 
 import os
-import random
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -20,12 +20,13 @@ from .errors import ConfigurationError
 
 __all__ = [
     "IdRules",
+    "accept_header_id",
     "check_id_header_names",
     "generate_id",
+    "generate_id_pair",
     "generate_ids",
     "get_id_rules",
     "is_valid_id",
-    "parse_traceparent",
     "set_id_rules",
     "use_id_rules",
 ]
@@ -51,6 +52,7 @@ _EXACT_PLACEHOLDERS = [
     "fake",
     "dummy",
     "anonymous",
+    "-",
 ]
 _PLACEHOLDER_PREFIXES = [
     "placeholder_",
@@ -133,10 +135,18 @@ class IdRules:
         )
 
     def is_placeholder(self, value: str) -> bool:
-        """True when ``value`` is a placeholder these rules refuse."""
-        if len(value) >= self._safe_length:  # lower() never shortens a string
-            return False
-        low = value.lower()
+        """True when ``value`` is a placeholder these rules refuse.
+
+        A value with characters beyond ASCII is compared in its folded form (see
+        :func:`fold_confusables`), so ``anonymous`` spelled with a Cyrillic ``a`` or in
+        fullwidth letters is the placeholder it reads as.
+        """
+        if value.isascii():
+            if len(value) >= self._safe_length:  # lower() never shortens a string
+                return False
+            low = value.lower()
+        else:
+            low = fold_confusables(value)
         if low in self.exact:
             return True
         return (
@@ -144,6 +154,26 @@ class IdRules:
             and low.startswith(self.prefixes)
             and low not in self.allowed
         )
+
+
+# Letters of other scripts that read as a Latin letter (after NFKC and casefold). Not the
+# whole Unicode confusables table: the letters that spell placeholder and reserved names.
+_CONFUSABLES = str.maketrans(
+    # Cyrillic, Greek and Armenian letters (as escapes: they look like the Latin ones) ...
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443"
+    "\u0445\u0456\u0457\u0458\u0455\u0501\u051b\u051d\u04bb\u04cf\u0261\u0131"
+    "\u03b1\u03b2\u03b5\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7\u03c9"
+    "\u0578\u057d\u0585\u0581",
+    # ... and the Latin letters they read as.
+    "abeekmhopctyxiijsdqwhlgiabeikvoptuxwnuog",
+)
+
+
+def fold_confusables(value: str) -> str:
+    """``value`` as the placeholder rules compare it: NFKC-normalised (fullwidth and styled
+    letters become plain ones), case-folded, and letters of other scripts that read as Latin
+    ones replaced by them."""
+    return unicodedata.normalize("NFKC", value).casefold().translate(_CONFUSABLES)
 
 
 def _split(items: tuple[str, ...]) -> tuple[set[str], frozenset[str]]:
@@ -190,67 +220,61 @@ def use_id_rules(rules: IdRules) -> Iterator[IdRules]:
         _rules_var.reset(token)
 
 
-# Request, thread and run ids are identifiers, not secrets: they come from a PRNG seeded by
-# the OS (and reseeded after fork), which is ~5x cheaper than a system call per id. Anything
-# that must be unguessable (session ids) uses the ``secrets`` module instead.
-_rng = random.Random(os.urandom(32))  # noqa: S311 - identifiers, not secrets
-_getrandbits = _rng.getrandbits
-
-
-def random_hex(nbytes: int) -> str:
-    """``2 * nbytes`` random lowercase hex characters (the PRNG above, without the Python
-    frame of ``Random.randbytes``)."""
-    return _getrandbits(nbytes * 8).to_bytes(nbytes, "little").hex()
-
-
-# Ids are drawn in batches: one draw of random bits for 64 ids (or id triples), cut apart
-# in C, then handed out by ``list.pop()``. Per call that is a fifth fewer instructions for
-# generate_ids() and a third fewer for generate_id() than a draw each time. pop() is atomic,
-# so two threads never get the same id; a forked child empties the pools, or it would hand
-# out the ids its parent will.
-_POOL_SIZE = 64
+# Ids are drawn from the OS's random source in batches: one ``os.urandom`` call for 128 ids,
+# cut apart in C (``hex()`` puts a space after every 12 bytes, ``split()`` cuts there), then
+# handed out by ``list.pop()``, which is atomic, so two threads never get the same id. Pairs
+# (a new request's thread and run id) come from a pool of their own: one pop for both. A
+# forked child empties the pools, or it would hand out the ids its parent will.
+_POOL_SIZE = 128
 _id_pool: list[str] = []
-_id_triples: list[tuple[str, str, str]] = []
+_pair_pool: list[tuple[str, str]] = []
 _pop_id = _id_pool.pop
-_pop_triple = _id_triples.pop
+_pop_pair = _pair_pool.pop
+
+
+def _draw(count: int) -> list[str]:
+    return os.urandom(12 * count).hex(" ", 12).split()
 
 
 def _after_fork_in_child() -> None:
-    _rng.seed(os.urandom(32))
     _id_pool.clear()
-    _id_triples.clear()
+    _pair_pool.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _draw_ids(count: int) -> list[str]:
-    """``count`` new ids from one draw: hex() puts a space after every 12 bytes, split() cuts
-    there (no Python-level slicing)."""
-    return _getrandbits(96 * count).to_bytes(12 * count, "little").hex(" ", 12).split()
-
-
 def generate_id() -> str:
-    """A new random id: 24 lowercase hex characters (96 bits)."""
+    """A new random id: 24 lowercase hex characters (96 bits from ``os.urandom``)."""
     try:
         return _pop_id()
     except IndexError:
-        ids = _draw_ids(_POOL_SIZE)
+        ids = _draw(_POOL_SIZE)
         new_id = ids.pop()  # not taken from the pool: another thread may empty it first
         _id_pool.extend(ids)
         return new_id
 
 
-def generate_ids() -> tuple[str, str, str]:
-    """Three random ids of 24 lowercase hex characters (96 bits each)."""
+def generate_id_pair() -> tuple[str, str]:
+    """Two new random ids (a new request's thread and run id)."""
     try:
-        return _pop_triple()
+        return _pop_pair()
     except IndexError:
-        ids = iter(_draw_ids(3 * _POOL_SIZE))
-        triples = list(zip(ids, ids, ids, strict=True))
-        new_ids = triples.pop()
-        _id_triples.extend(triples)
-        return new_ids
+        ids = iter(_draw(2 * _POOL_SIZE))
+        pairs = list(zip(ids, ids, strict=True))
+        pair = pairs.pop()
+        _pair_pool.extend(pairs)
+        return pair
+
+
+def generate_ids() -> tuple[str, str, str]:
+    """Three new random ids (thread, run and request id of a new context)."""
+    return generate_id(), generate_id(), generate_id()
+
+
+def random_hex(nbytes: int) -> str:
+    """``2 * nbytes`` random lowercase hex characters (a W3C span id, say)."""
+    return os.urandom(nbytes).hex()
 
 
 def is_valid_id(value: str, rules: IdRules | None = None) -> bool:
@@ -282,10 +306,26 @@ _VALIDATED_MAX = 4096
 
 #: What an incoming request or correlation id header may look like.
 HEADER_ID_RE = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
-# The same rule as data, for ``not raw.translate(None, HEADER_ID_CHARS)`` with a length check
-# (a third cheaper than the regex, for the middleware's hot path).
-HEADER_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 HEADER_ID_MAX = 128
+# The same rule as data: ``not raw.translate(None, _HEADER_ID_CHARS)`` is true when ``raw``
+# holds only those characters (a third cheaper than the regex).
+_HEADER_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+
+
+def accept_header_id(raw: bytes | None, rules: IdRules) -> str | None:
+    """The id an incoming ``X-Request-ID``-like header carries, when it is acceptable.
+
+    Acceptable: 1 to 128 of ``[A-Za-z0-9._:-]`` and not a placeholder under ``rules``. Anything
+    else (absent, repeated, too long, odd characters, a placeholder) is None: the caller
+    generates an id instead. The value is never logged, and never echoed.
+    """
+    if not raw or len(raw) > HEADER_ID_MAX or raw.translate(None, _HEADER_ID_CHARS):
+        return None
+    value = raw.decode("ascii")
+    if len(value) >= rules._safe_length or not rules.is_placeholder(value):
+        return value
+    return None
+
 
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 # Headers with a meaning of their own that an id may not be read from or written to.
@@ -312,33 +352,3 @@ def check_id_header_names(
     if names[0].lower() == names[1].lower():
         raise ConfigurationError("request_id_header and correlation_id_header must differ")
     return names[0], names[1]
-
-
-_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
-
-
-def parse_traceparent(value: str | bytes | None) -> tuple[str, str, str] | None:
-    """Return ``(trace_id, parent_id, flags)`` of a valid W3C traceparent, else None.
-
-    Version ``ff`` and all-zero ids are invalid; version ``00`` allows no trailing data.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    if len(value) > 512:
-        return None
-    match = _TRACEPARENT_RE.fullmatch(value.strip(" \t"))
-    if match is None:
-        return None
-    version, trace_id, parent_id, flags, rest = match.groups()
-    if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
-        return None
-    if version == "00" and rest:
-        return None
-    return trace_id, parent_id, flags

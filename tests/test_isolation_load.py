@@ -23,9 +23,6 @@ from ctxvars_mw import get_context_or_none
 from tests.apps.isolation_app import background_records, build_app, token_for
 from tests.servers import uvicorn_server
 
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
-
 USERS = [f"user_{i:03d}_{secrets.token_hex(4)}" for i in range(100)]
 IN_PROCESS_REQUESTS = 50_000
 STEPS = ["start", "after_await", "create_task", "task_group", "task_group", "child", "end"]

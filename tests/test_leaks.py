@@ -36,9 +36,6 @@ from ctxvars_mw.auth.jwt import JWTAuthenticator
 from ctxvars_mw.events import EventBus
 from ctxvars_mw.testing import ContextRegistry
 
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
-
 KEY = bytes(range(32))
 USERS = [f"user_{n:03d}_leakcheck" for n in range(100)]
 TOKENS = [

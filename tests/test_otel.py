@@ -19,10 +19,10 @@ from ctxvars_mw import (
     get_context,
     use_context,
 )
-from ctxvars_mw.ids import parse_traceparent
 from ctxvars_mw.integrations.otel import SpanTraceMiddleware, current_span_ids, install, uninstall
 from ctxvars_mw.propagation import AsyncContextTransport, outgoing_headers
 from ctxvars_mw.types import ASGIApp, Receive, Scope, Send
+from ctxvars_mw.w3c import parse_traceparent
 from tests.integrations import echo_app
 
 tracer = TracerProvider().get_tracer("ctxvars_mw.tests")

@@ -12,14 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxvars_mw import ConfigurationError, Tier, UserExecutionContext, use_context
-from ctxvars_mw.ids import parse_traceparent
 from ctxvars_mw.propagation import (
     DEFAULT_BAGGAGE_KEYS,
     AsyncContextTransport,
     ContextTransport,
     outgoing_headers,
 )
-from ctxvars_mw.w3c import parse_baggage
+from ctxvars_mw.w3c import parse_baggage, parse_traceparent
 from tests.servers import uvicorn_server
 
 ALICE = UserExecutionContext(

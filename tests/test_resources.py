@@ -34,9 +34,6 @@ from ctxvars_mw import (
 from ctxvars_mw.types import Message
 from tests.servers import free_port
 
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
-
 USER = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82")
 
 

@@ -15,9 +15,6 @@ from ctxvars_mw import ContextMiddleware, UserExecutionContext, get_context
 from ctxvars_mw.testing import ContextRegistry, context_registry
 from ctxvars_mw.types import Message, Receive, Scope, Send
 
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
-
 ALICE = "user_alice_5f7c8ec7c33c"
 BOB = "user_bob_004bbafe82aa"
 

@@ -10,14 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctxvars_mw import ConfigurationError, ContextMiddleware, UserExecutionContext, get_context, w3c
+from ctxvars_mw import ConfigurationError, ContextMiddleware, get_context, w3c
 from ctxvars_mw.types import Receive, Scope, Send
-from ctxvars_mw.w3c import apply_incoming, format_baggage, parse_baggage, parse_tracestate
-
-# Every test here runs against the C accelerator and the pure-Python path (conftest).
-pytestmark = pytest.mark.usefixtures("implementation")
+from ctxvars_mw.w3c import (
+    format_baggage,
+    incoming_metadata,
+    is_trace_id,
+    parse_baggage,
+    parse_traceparent,
+    parse_tracestate,
+    trace_id_of,
+)
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
 
 
 @pytest.mark.parametrize(
@@ -129,21 +136,18 @@ async def test_trusted_baggage_and_tracestate_go_to_audit_metadata() -> None:
 def test_remembered_baggage_is_per_header_value_and_bounded() -> None:
     """Repeated baggage reuses its parsed form; other values get their own; invalid baggage
     is remembered as empty; the memo stays within its bound."""
-    ctx = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82")
-    acme = apply_incoming(ctx, [(b"baggage", b"tenant=acme")])
-    again = apply_incoming(ctx, [(b"baggage", b"tenant=acme")])
-    other = apply_incoming(ctx, [(b"baggage", b"tenant=globex")])
-    split = apply_incoming(ctx, [(b"baggage", b"tenant=acme"), (b"baggage", b"region=eu")])
-    assert acme.audit_metadata["baggage"] == {"tenant": "acme"}
-    assert again.audit_metadata["baggage"] is acme.audit_metadata["baggage"]
-    assert other.audit_metadata["baggage"] == {"tenant": "globex"}
-    assert split.audit_metadata["baggage"] == {"tenant": "acme", "region": "eu"}
+    acme = incoming_metadata([(b"baggage", b"tenant=acme")], None)
+    again = incoming_metadata([(b"baggage", b"tenant=acme")], None)
+    other = incoming_metadata([(b"baggage", b"tenant=globex")], None)
+    split = incoming_metadata([(b"baggage", b"tenant=acme"), (b"baggage", b"region=eu")], None)
+    assert acme["baggage"] == {"tenant": "acme"}
+    assert again["baggage"] is acme["baggage"]
+    assert other["baggage"] == {"tenant": "globex"}
+    assert split["baggage"] == {"tenant": "acme", "region": "eu"}
     for _ in range(2):
-        assert apply_incoming(ctx, [(b"baggage", b"bad key=1")]) is ctx
+        assert incoming_metadata([(b"baggage", b"bad key=1")], None) == {}
     for i in range(w3c._PARSED_BAGGAGE_MAX + 20):
-        assert apply_incoming(ctx, [(b"baggage", b"n=%d" % i)]).audit_metadata["baggage"] == {
-            "n": str(i)
-        }
+        assert incoming_metadata([(b"baggage", b"n=%d" % i)], None)["baggage"] == {"n": str(i)}
     assert len(w3c._parsed_baggage) <= w3c._PARSED_BAGGAGE_MAX
 
 
@@ -218,3 +222,70 @@ def test_trusting_middleware_never_fails_on_arbitrary_trace_headers(
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == 200
     assert isinstance(json.loads(sent[1]["body"])["audit_metadata"], dict)
+
+
+def test_parse_traceparent_valid() -> None:
+    """A valid traceparent gives (trace_id, parent_id, flags), from str or bytes."""
+    value = f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert parse_traceparent(value) == (TRACE_ID, SPAN_ID, "01")
+    assert parse_traceparent(value.encode()) == (TRACE_ID, SPAN_ID, "01")
+    assert parse_traceparent(f" {value}\t") == (TRACE_ID, SPAN_ID, "01")
+
+
+def test_parse_traceparent_future_version_may_carry_more_fields() -> None:
+    """A version above 00 may append ``-…`` fields, which are ignored."""
+    assert parse_traceparent(f"01-{TRACE_ID}-{SPAN_ID}-00-more") == (TRACE_ID, SPAN_ID, "00")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        f"ff-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-{'0' * 32}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{'0' * 16}-01",
+        f"00-{TRACE_ID[:31]}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}0-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{SPAN_ID[:15]}-01",
+        f"00-{TRACE_ID}-{SPAN_ID}-001",
+        f"00-{TRACE_ID.upper()}-{SPAN_ID}-01",
+        f"0A-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{SPAN_ID}-01-extra",
+        f"00-{TRACE_ID}-{SPAN_ID}-01x",
+        f"01-{TRACE_ID}-{SPAN_ID}-01x",
+        f"00_{TRACE_ID}_{SPAN_ID}_01",
+        b"\xff\xfe",
+        "00-" + "a" * 600,
+    ],
+)
+def test_parse_traceparent_invalid(value: str | bytes | None) -> None:
+    """Version ff, zero ids, wrong lengths, uppercase hex, trailing data on 00: None."""
+    assert parse_traceparent(value) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f"00-{TRACE_ID}-{SPAN_ID}-01".encode(),
+        f" 00-{TRACE_ID}-{SPAN_ID}-01".encode(),
+        f"01-{TRACE_ID}-{SPAN_ID}-00-more".encode(),
+        f"00-{'0' * 32}-{SPAN_ID}-01".encode(),
+        f"00-{TRACE_ID}-{'0' * 16}-01".encode(),
+        f"00-{TRACE_ID.upper()}-{SPAN_ID}-01".encode(),
+        f"ff-{TRACE_ID}-{SPAN_ID}-01".encode(),
+        b"\xff\xfe",
+        b"",
+    ],
+)
+def test_trace_id_of_a_header_agrees_with_parse_traceparent(raw: bytes) -> None:
+    """The request path's trace id is parse_traceparent's, for valid and invalid headers."""
+    parsed = parse_traceparent(raw)
+    assert trace_id_of(raw) == (None if parsed is None else parsed[0])
+
+
+def test_is_trace_id_takes_32_lowercase_hex_not_all_zero() -> None:
+    """A trace id is 32 lowercase hex characters and not all zero."""
+    assert is_trace_id(TRACE_ID)
+    for bad in ("0" * 32, TRACE_ID.upper(), TRACE_ID[:31], TRACE_ID + "0", "g" * 32, None, 5):
+        assert not is_trace_id(bad)

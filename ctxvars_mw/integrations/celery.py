@@ -38,7 +38,7 @@ from typing import Any
 from celery import Celery, Task, current_app
 from celery.signals import before_task_publish
 
-from ..current import _current, _set, get_context_or_none
+from ..current import get_context_or_none, reset_frame, set_context
 from ..envelope import Secret, _key, _seconds, dumps, loads
 from ..errors import ConfigurationError
 
@@ -122,11 +122,11 @@ class ContextTask(Task):  # type: ignore[misc]
         settings = _settings.get(self._get_app())
         if settings is None:
             raise ConfigurationError("ctxvars_mw.integrations.celery.install() was not called")
-        token = _set(loads(envelope, settings.secrets))
+        token = set_context(loads(envelope, settings.secrets))
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            _current.reset(token)
+            reset_frame(token)
 
     def apply(
         self,

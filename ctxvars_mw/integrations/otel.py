@@ -26,7 +26,7 @@ from opentelemetry import trace
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from .. import propagation
-from ..current import _current, _set, get_context_or_none
+from ..current import get_context_or_none, reset_frame, set_context
 from ..types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["SpanTraceMiddleware", "current_span_ids", "install", "uninstall"]
@@ -81,8 +81,8 @@ class SpanTraceMiddleware:
         if ctx is None or trace_id is None or ctx.trace_id == trace_id:
             await self.app(scope, receive, send)
             return
-        token = _set(ctx.replace(trace_id=trace_id))
+        token = set_context(ctx.replace(trace_id=trace_id))
         try:
             await self.app(scope, receive, send)
         finally:
-            _current.reset(token)
+            reset_frame(token)
