@@ -7,8 +7,6 @@ import contextvars
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -437,44 +435,3 @@ def test_importing_events_does_not_import_redis() -> None:
 
     code = "import sys, ctxvars_mw.events; assert 'redis' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def readme_block(heading: str) -> str:
-    """The first python block under ``heading`` in the README."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_events_snippet_runs_behind_the_middleware() -> None:
-    """The README's events endpoint, behind ContextMiddleware, echoes to its own user only."""
-    from starlette.applications import Starlette
-    from starlette.routing import WebSocketRoute
-    from starlette.testclient import TestClient
-
-    from ctxvars_mw import ContextMiddleware
-    from examples.chat_app import DEMO_TOKENS, DemoTokenAuthenticator
-
-    namespace: dict[str, Any] = {}
-    exec(compile(readme_block("## Real-time events"), "README.md#events", "exec"), namespace)
-    readme_bus: EventBus = namespace["bus"]
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with readme_bus:
-            yield
-
-    starlette = Starlette(routes=[WebSocketRoute("/ws", namespace["events"])], lifespan=lifespan)
-    app = ContextMiddleware(starlette, authenticator=DemoTokenAuthenticator(DEMO_TOKENS))
-    alice, bob = (f"Bearer {t}" for t in DEMO_TOKENS)
-    with (
-        TestClient(app) as client,
-        client.websocket_connect("/ws", headers={"Authorization": alice}) as alice_ws,
-        client.websocket_connect("/ws", headers={"Authorization": bob}) as bob_ws,
-    ):
-        alice_ws.send_text("from alice")
-        bob_ws.send_text("from bob")
-        assert bob_ws.receive_json()["event"] == {"kind": "echo", "text": "from bob"}
-        assert alice_ws.receive_json()["event"] == {"kind": "echo", "text": "from alice"}
-        client.portal.call(namespace["notify"], "bob")  # type: ignore[union-attr]
-        assert bob_ws.receive_json()["event"] == {"kind": "token", "text": "hi"}

@@ -222,16 +222,3 @@ def test_uvicorn_and_third_party_records_carry_ids_and_never_tokens(tmp_path: Pa
     )
     for secret in (token, "tok-forged-by-attacker", "evil value!"):
         assert secret not in text
-
-
-def test_readme_logging_config_is_valid_for_dictconfig() -> None:
-    """The README's LOGGING dict builds a handler with a ContextLogFilter."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Logging\n", 1)[1].split("\n## ", 1)[0]
-    namespace: dict[str, Any] = {}
-    exec(section.split("```python\n", 1)[1].split("```", 1)[0], namespace)
-    config = namespace["LOGGING"]
-    configurator = logging.config.DictConfigurator(config)
-    built = configurator.configure_filter(dict(config["filters"]["ctx"]))
-    assert isinstance(built, ContextLogFilter)
-    assert "%(request_id)s" in config["formatters"]["plain"]["format"]

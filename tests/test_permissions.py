@@ -6,10 +6,8 @@ import asyncio
 import functools
 import inspect
 import logging
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -554,15 +552,3 @@ def test_audit_record_never_carries_claims_or_secrets(caplog: pytest.LogCaptureF
     dumped = repr(vars(record)) + record.getMessage()
     assert secret not in dumped
     assert "sk_live_51Hx9" not in dumped
-
-
-# -- README --------------------------------------------------------------------------------
-
-
-def test_readme_authorization_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's Authorization snippet runs as written and prints what it says."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Authorization", 1)[1].split("\n## ", 1)[0]
-    [code] = re.findall(r"```python\n(.*?)```", section, re.S)
-    exec(compile(code, "README.md#authorization", "exec"), {"__name__": "readme"})
-    assert capsys.readouterr().out == "running planner\n"

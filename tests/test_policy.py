@@ -14,7 +14,7 @@ from ctxvars_mw import ConfigurationError, Policy, Tier
 
 from .authz_tables import FEATURE_TIER, ROLE_HOLDS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+AUTHORIZATION_DOCS = Path(__file__).resolve().parent.parent / "docs" / "authorization.md"
 
 # The tables of API.md §5, written out independently of ctxvars_mw/policy.py (shared with
 # the other authorization tests in tests/authz_tables.py).
@@ -170,17 +170,38 @@ def test_diamond_inheritance_unions_each_parent_once() -> None:
     assert policy.permissions_for_role("top") == {"a:read", "b:read", "c:read"}
 
 
-def _readme_table(heading: str) -> dict[str, int]:
-    section = README.read_text().split("## Authorization", 1)[1].split("\n## ", 1)[0]
+def _docs_table(heading: str) -> dict[str, int]:
+    section = AUTHORIZATION_DOCS.read_text().split("## The default policy", 1)[1]
     table = section.split(heading, 1)[1].split("\n\n", 1)[0]
     rows = re.findall(r"^\| `?(\w+)`? \|.*\| (\d+) \|$", table, re.M)
     return {name: int(count) for name, count in rows}
 
 
-def test_readme_tables_match_the_default_policy() -> None:
-    """The README's Authorization tables list the default policy's counts per role and tier."""
+def test_documented_tables_match_the_default_policy() -> None:
+    """docs/authorization.md's tables list the default policy's counts per role and tier."""
     policy = Policy.default()
-    roles = _readme_table("| role |")
+    roles = _docs_table("| role |")
     assert roles == {r: len(policy.permissions_for_role(r)) for r in ("readonly", "user", "admin")}
-    tiers = _readme_table("| tier |")
+    tiers = _docs_table("| tier |")
     assert tiers == {t.value: len(policy.features_for_tier(t)) for t in Tier}
+
+
+def _docs_adds(heading: str) -> dict[str, set[str]]:
+    section = AUTHORIZATION_DOCS.read_text().split("## The default policy", 1)[1]
+    table = section.split(heading, 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    return {row[0].strip(" `"): set(re.findall(r"`([^`]+)`", row[-2])) for row in rows}
+
+
+def test_documented_tables_name_what_each_role_and_tier_adds() -> None:
+    """Each documented row names exactly the permissions or features it adds to the one below."""
+    policy = Policy.default()
+    below: dict[str, str | None] = {"readonly": None, "user": "readonly", "admin": "user"}
+    for role, added in _docs_adds("| role |").items():
+        inherited = policy.permissions_for_role(below[role]) if below[role] else frozenset()
+        assert added == policy.permissions_for_role(role) - inherited
+    tiers = list(Tier)
+    for tier, added in _docs_adds("| tier |").items():
+        rank = tiers.index(Tier(tier))
+        lower = policy.features_for_tier(tiers[rank - 1]) if rank else frozenset()
+        assert added == policy.features_for_tier(tier) - lower

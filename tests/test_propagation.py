@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -270,14 +269,6 @@ def test_non_mapping_baggage_metadata_is_ignored() -> None:
     """audit_metadata["baggage"] set by hand to a non-mapping never breaks a call."""
     ctx = ALICE.replace(audit_metadata={"baggage": "tenant=acme"})
     assert outgoing_headers(ctx, baggage_keys=("tier", "tenant"))["baggage"] == "tier=business"
-
-
-def test_readme_propagation_snippet_runs() -> None:
-    """The README's Propagation example runs as written."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Propagation\n", 1)[1].split("\n## ", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "README.md#propagation", "exec"), {})
 
 
 @given(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -209,11 +208,3 @@ def test_loading_the_plugin_imports_no_web_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert out.stdout.strip() == "[]"
-
-
-def test_readme_plugin_example_passes(pytester: pytest.Pytester) -> None:
-    """The README's pytest plugin example passes as written."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Testing with the pytest plugin\n", 1)[1]
-    source = section.split("```python\n", 1)[1].split("```", 1)[0]
-    run(pytester, source).assert_outcomes(passed=1)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -301,23 +300,6 @@ async def test_attach_needs_a_cleanup_for_objects_without_close() -> None:
             attach_resource(object())
         with pytest.raises(TypeError):
             attach_resource(object(), "not callable")  # type: ignore[arg-type]
-
-
-def readme_block(heading: str) -> str:
-    """The first python block under ``heading`` in the README."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text.split(f"\n{heading}\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-async def test_readme_resources_snippet_runs() -> None:
-    """The README's resources example runs: the handler's db and the worker's session close."""
-    code = readme_block("## Per-request resources")
-    namespace: dict[str, Any] = {}
-    exec(compile(code, "README.md#resources", "exec"), namespace)
-    await namespace["worker"](USER)
-    async with resource_scope():
-        assert await namespace["handler"](None) == (1,)
 
 
 # -- the cleanup list travels with the context (one ContextVar per request) ----------------

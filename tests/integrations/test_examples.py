@@ -18,7 +18,7 @@ from ctxvars_mw import Tier
 from ctxvars_mw.testing import make_context, mint_token
 from examples import fastapi_app
 from examples.starlette_app import app as starlette_app
-from tests.servers import ROOT, uvicorn_server
+from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.integration
 
@@ -209,28 +209,3 @@ def test_starlette_example_under_uvicorn() -> None:
         response = httpx.get(f"{url}/whoami", headers={"X-Request-ID": rid}, timeout=10)
     assert response.headers["x-request-id"] == rid
     assert response.json()["request_id"] == rid
-
-
-# -- the README ----------------------------------------------------------------------------
-
-
-def readme_block(heading: str) -> str:
-    """The first ```python block under ``heading`` in the README."""
-    text = (ROOT / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
-    return text.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_quickstart_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Quickstart app answers anonymous 200, then 401 / 403 / 200 on the tier gate."""
-    monkeypatch.setenv("JWT_SECRET", SECRET)
-    namespace: dict[str, object] = {"__name__": "readme_quickstart"}
-    exec(compile(readme_block("## Quickstart"), "README.md#quickstart", "exec"), namespace)
-    business = mint_token(SECRET, user_id="auth0|5f7c8ec7c33c6c004bbafe82", tier="business")
-    free = mint_token(SECRET, user_id="auth0|5f7c8ec7c33c6c004bbafe83", tier="free")
-    with TestClient(namespace["app"]) as client:  # type: ignore[arg-type]
-        assert client.get("/whoami").json() == {"user": "anonymous", "tier": "free"}
-        assert client.get("/reports").status_code == 401
-        denied = client.get("/reports", headers={"Authorization": f"Bearer {free}"})
-        allowed = client.get("/reports", headers={"Authorization": f"Bearer {business}"})
-    assert denied.status_code == 403
-    assert allowed.json() == {"user": "auth0|5f7c8ec7c33c6c004bbafe82", "depth": 1}
