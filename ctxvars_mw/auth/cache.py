@@ -10,9 +10,9 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["TTLCache", "token_digest"]
+__all__ = ["KeySet", "TTLCache", "VerifiedTokens", "token_digest"]
 
 V = TypeVar("V")
 
@@ -57,6 +57,65 @@ class TTLCache(Generic[V]):
     def discard(self, key: bytes) -> None:
         """Forget ``key``."""
         self._data.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class KeySet(Protocol):
+    """What :class:`VerifiedTokens` asks of a key set (:class:`~.jwks.JWKSClient`)."""
+
+    def is_current(self, kid: str | None, alg: str, verifier: Any) -> bool:
+        """Whether ``verifier`` is still the published key for ``(kid, alg)``."""
+        ...
+
+    def refresh_if_stale(self) -> None:
+        """Refetch the set in the background once it is older than its TTL."""
+        ...
+
+
+class VerifiedTokens(Generic[V]):
+    """Verified tokens by digest, each with the key that verified it.
+
+    With a key set, a hit counts only while that key is still published (a key withdrawn
+    from the set, or a ``kid`` republished with other material, takes its tokens' entries
+    with it), and each hit lets a stale set refresh in the background: a withdrawn key stops
+    authenticating within the set's TTL, however often its tokens come back.
+    """
+
+    __slots__ = ("_data", "_keys")
+
+    def __init__(self, maxsize: int, clock: Callable[[], float], keys: KeySet | None) -> None:
+        self._data: TTLCache[tuple[V, str | None, str, Any]] = TTLCache(maxsize, clock)
+        self._keys = keys
+
+    def get(self, digest: bytes) -> V | None:
+        """The live value for ``digest`` whose key is still current, or None."""
+        entry = self._data.get(digest)
+        if entry is None:
+            return None
+        keys = self._keys
+        if keys is not None:
+            keys.refresh_if_stale()
+            if not keys.is_current(entry[1], entry[2], entry[3]):
+                self._data.discard(digest)
+                return None
+        return entry[0]
+
+    def put(
+        self, digest: bytes, value: V, expires_at: float, key: tuple[str | None, str, Any]
+    ) -> None:
+        """Remember ``value``, verified by ``key`` (``(kid, alg, verifier)``), until
+        ``expires_at``."""
+        self._data.put(digest, (value, key[0], key[1], key[2]), expires_at)
+
+    def discard(self, digest: bytes) -> None:
+        """Forget ``digest``."""
+        self._data.discard(digest)
 
     def clear(self) -> None:
         """Forget everything."""
