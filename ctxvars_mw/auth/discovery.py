@@ -146,7 +146,9 @@ class ProviderMetadata:
             if self._client is not None:
                 document = await self._read_any(self._client)
             else:
-                verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+                if self._ssl is None:  # built once: each one costs tens of milliseconds
+                    self._ssl = ssl.create_default_context()
+                verify = self._ssl
                 async with httpx.AsyncClient(verify=verify, timeout=self.timeout) as client:
                     document = await self._read_any(client)
         except DiscoveryError as exc:

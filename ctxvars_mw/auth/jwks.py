@@ -193,10 +193,12 @@ class JWKSClient:
     async def _fetch(self) -> None:
         try:
             url = await self._locate()
-        except Exception as exc:  # logged by the metadata; the last good set is kept
+        except ConfigurationError as exc:  # an unusable document: our own words say why
+            logger.error("no JWKS URL: %s; keeping the last good key set", exc)
+            return
+        except Exception as exc:  # unreachable: logged by the metadata
             logger.warning(
-                "no JWKS URL from the metadata of %s (%s); keeping the last good key set",
-                self.metadata.issuer if self.metadata is not None else "-",
+                "no JWKS URL from the metadata (%s); keeping the last good key set",
                 type(exc).__name__,
             )
             return
@@ -227,7 +229,9 @@ class JWKSClient:
     async def _download(self, url: str) -> bytes:
         if self._client is not None:
             return await self._read(self._client, url)
-        verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+        if self._ssl is None:  # built once: each one costs tens of milliseconds
+            self._ssl = ssl.create_default_context()
+        verify = self._ssl
         async with httpx.AsyncClient(verify=verify, timeout=self.timeout) as client:
             return await self._read(client, url)
 
