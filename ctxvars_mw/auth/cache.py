@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = ["KeySet", "TTLCache", "VerifiedTokens", "token_digest"]
@@ -69,9 +69,10 @@ class TTLCache(Generic[V]):
 class KeySet(Protocol):
     """What :class:`VerifiedTokens` asks of a key set (:class:`~.jwks.JWKSClient`)."""
 
-    def is_current(self, kid: str | None, alg: str, verifier: Any) -> bool:
-        """Whether ``verifier`` is still the published key for ``(kid, alg)``."""
-        ...
+    #: When the set goes stale, in the set's own ``clock()`` time.
+    stale_at: float
+    #: The published verifiers by ``(kid, alg)``.
+    current: Mapping[tuple[str, str], Any]
 
     def refresh_if_stale(self) -> None:
         """Refetch the set in the background once it is older than its TTL."""
@@ -83,15 +84,22 @@ class VerifiedTokens(Generic[V]):
 
     With a key set, a hit counts only while that key is still published (a key withdrawn
     from the set, or a ``kid`` republished with other material, takes its tokens' entries
-    with it), and each hit lets a stale set refresh in the background: a withdrawn key stops
-    authenticating within the set's TTL, however often its tokens come back.
+    with it), and a hit on a stale set lets it refresh in the background: a withdrawn key
+    stops authenticating within the set's TTL, however often its tokens come back.
     """
 
-    __slots__ = ("_data", "_keys")
+    __slots__ = ("_data", "_keys", "_keys_clock")
 
-    def __init__(self, maxsize: int, clock: Callable[[], float], keys: KeySet | None) -> None:
-        self._data: TTLCache[tuple[V, str | None, str, Any]] = TTLCache(maxsize, clock)
+    def __init__(
+        self,
+        maxsize: int,
+        clock: Callable[[], float],
+        keys: KeySet | None,
+        keys_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._data: TTLCache[tuple[V, tuple[str, str] | None, Any]] = TTLCache(maxsize, clock)
         self._keys = keys
+        self._keys_clock = keys_clock
 
     def get(self, digest: bytes) -> V | None:
         """The live value for ``digest`` whose key is still current, or None."""
@@ -100,8 +108,10 @@ class VerifiedTokens(Generic[V]):
             return None
         keys = self._keys
         if keys is not None:
-            keys.refresh_if_stale()
-            if not keys.is_current(entry[1], entry[2], entry[3]):
+            if self._keys_clock() >= keys.stale_at:
+                keys.refresh_if_stale()
+            name = entry[1]
+            if name is None or keys.current.get(name) is not entry[2]:
                 self._data.discard(digest)
                 return None
         return entry[0]
@@ -111,7 +121,8 @@ class VerifiedTokens(Generic[V]):
     ) -> None:
         """Remember ``value``, verified by ``key`` (``(kid, alg, verifier)``), until
         ``expires_at``."""
-        self._data.put(digest, (value, key[0], key[1], key[2]), expires_at)
+        kid, alg, verifier = key
+        self._data.put(digest, (value, None if kid is None else (kid, alg), verifier), expires_at)
 
     def discard(self, digest: bytes) -> None:
         """Forget ``digest``."""

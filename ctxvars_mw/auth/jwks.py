@@ -22,7 +22,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -118,8 +118,12 @@ class JWKSClient:
             self._ssl = ssl.create_default_context()
         self._clock = clock
         self._keys: dict[tuple[str, str], Verifier] = {}
+        #: The published keys by ``(kid, alg)`` (a new mapping after each refetch).
+        self.current: Mapping[tuple[str, str], Verifier] = self._keys
         self._thumbprints: dict[tuple[str, str], str] = {}
         self._fetched_at: float | None = None
+        #: When the set goes stale (``clock()`` time; -inf before the first fetch).
+        self.stale_at = float("-inf")
         self._attempted_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         #: Successful fetches so far (for monitoring and tests).
@@ -221,9 +225,10 @@ class JWKSClient:
             # The same key as before keeps its verifier: cached tokens it verified stay good.
             same = old_thumbprints.get(name) == thumbprint
             keys[name] = old_keys[name] if same else verifier
-        self._keys = keys
+        self._keys = self.current = keys
         self._thumbprints = {name: entry[0] for name, entry in entries.items()}
         self._fetched_at = self._clock()
+        self.stale_at = self._fetched_at + self.cache_ttl
         self.fetch_count += 1
 
     async def _download(self, url: str) -> bytes:
