@@ -74,9 +74,11 @@ class _Answer:
 class OAuth2IntrospectionAuthenticator:
     """Authenticates opaque bearer tokens against an RFC 7662 introspection endpoint.
 
-    Claim mapping is as for :class:`~ctxvars_mw.JWTAuthenticator` (``sub`` → user id,
-    ``scope`` → scopes, …); ``issuer``/``audience``, when given, must match the response.
-    The HTTP client is created on first use in the running event loop (or pass
+    Give ``introspection_url``, or use :meth:`from_issuer` to read it from the provider's
+    metadata. Claim mapping is as for :class:`~ctxvars_mw.JWTAuthenticator` (``sub`` → user
+    id, else ``fallback_user_id_claim``; ``scope`` → scopes; claim paths, ``tier_map``,
+    ``claims_mapper``); ``issuer``/``audience``, when given, must match the response. The
+    HTTP client is created on first use in the running event loop (or pass
     ``http_client``); call :meth:`aclose` at shutdown.
     """
 
