@@ -3,11 +3,12 @@
 ``freeze`` copies a JSON-like value (dicts with string keys, lists, tuples, sets, str, int,
 float, bool, None) into an immutable one: dicts become :class:`FrozenMap`, lists and tuples
 become tuples, sets become sorted tuples. ``thaw`` turns it back into plain JSON data.
+Frozen values serialize as they are: ``json.dumps(fm)`` works on any of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 __all__ = ["EMPTY", "FrozenMap", "freeze", "freeze_mapping", "thaw"]
@@ -16,54 +17,79 @@ _SCALARS = (str, int, float, bool, type(None))
 _SCALAR_TYPES = frozenset(_SCALARS)
 
 
-class FrozenMap(Mapping[str, Any]):
-    """An immutable, hashable mapping; its values are deep-frozen."""
+class FrozenMap(dict[str, Any]):
+    """An immutable, hashable mapping; its values are deep-frozen.
 
-    __slots__ = ("_data", "_hash")
+    A ``dict`` subclass whose every mutator raises ``TypeError`` (an ``AttributeError`` too):
+    being a real dict is what lets ``json.dumps`` (its C encoder serializes dict and tuple
+    subclasses as objects and arrays), FastAPI's ``jsonable_encoder`` and any code that
+    checks ``isinstance(x, dict)`` take a context's claims and metadata as they are.
+    ``dict(fm)`` or ``fm.copy()`` gives a plain, mutable dict (its nested values stay
+    frozen; :func:`thaw` gives plain data).
+    """
 
-    _data: dict[str, Any]
+    __slots__ = ("_hash",)
+
     _hash: int | None
 
     def __init__(self, data: Mapping[str, Any] | None = None) -> None:
-        object.__setattr__(self, "_data", {} if data is None else _freeze_items(data))
+        if _initialized(self):
+            _immutable()
+        dict.update(self, {} if data is None else _freeze_items(data))
         object.__setattr__(self, "_hash", None)
 
     @classmethod
     def _trusted(cls, data: dict[str, Any]) -> FrozenMap:
-        """Wrap an already-frozen dict that nothing else references."""
-        new = object.__new__(cls)
-        object.__setattr__(new, "_data", data)
+        """A map of an already-frozen dict's items."""
+        new = dict.__new__(cls)
+        dict.update(new, data)
         object.__setattr__(new, "_hash", None)
         return new
 
-    def __getitem__(self, key: str) -> Any:
-        return self._data[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._data)
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, FrozenMap):
-            return self._data == other._data
+        if isinstance(other, dict):
+            return dict.__eq__(self, other)
         if isinstance(other, Mapping):
-            return self._data == dict(other)
+            return dict.__eq__(self, dict(other))
         return NotImplemented
 
-    def __hash__(self) -> int:
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:  # type: ignore[override]
         h = self._hash
         if h is None:
-            h = hash(frozenset(self._data.items()))
+            h = hash(frozenset(self.items()))
             object.__setattr__(self, "_hash", h)
         return h
 
     def __repr__(self) -> str:
-        return f"FrozenMap({self._data!r})"
+        return f"FrozenMap({dict.__repr__(self)})"
+
+    def __setitem__(self, key: str, value: Any) -> NoReturn:
+        _immutable()
+
+    def __delitem__(self, key: str) -> NoReturn:
+        _immutable()
+
+    def __ior__(self, other: Any) -> NoReturn:  # type: ignore[misc]
+        _immutable()
+
+    def clear(self) -> NoReturn:
+        _immutable()
+
+    def pop(self, *args: Any) -> NoReturn:
+        _immutable()
+
+    def popitem(self) -> NoReturn:
+        _immutable()
+
+    def setdefault(self, *args: Any) -> NoReturn:
+        _immutable()
+
+    def update(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _immutable()
 
     def __setattr__(self, name: str, value: object) -> NoReturn:
         raise AttributeError("FrozenMap is immutable")
@@ -74,13 +100,36 @@ class FrozenMap(Mapping[str, Any]):
     def __reduce__(self) -> tuple[Any, ...]:
         return (FrozenMap, (thaw(self),))
 
+    def __copy__(self) -> FrozenMap:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenMap:
+        return self
+
     def merged(self, extra: Mapping[str, Any] | None) -> FrozenMap:
         """A new map with ``extra`` (frozen) laid over this one."""
         if not extra:
             return self
-        data = dict(self._data)
-        data.update(extra._data if isinstance(extra, FrozenMap) else _freeze_items(extra))
+        data = dict(self)
+        data.update(extra if isinstance(extra, FrozenMap) else _freeze_items(extra))
         return FrozenMap._trusted(data)
+
+
+def _initialized(fm: FrozenMap) -> bool:
+    try:
+        fm._hash  # noqa: B018 - set once, by the constructor
+    except AttributeError:
+        return False
+    return True
+
+
+class _ImmutableError(TypeError, AttributeError):
+    """A write to a FrozenMap: a TypeError as for any read-only container, and an
+    AttributeError for the mutating dict methods a read-only mapping does not have."""
+
+
+def _immutable() -> NoReturn:
+    raise _ImmutableError("FrozenMap is immutable")
 
 
 def _reject(value: object, path: str) -> NoReturn:
@@ -151,7 +200,7 @@ def freeze_mapping(value: Mapping[str, Any] | None) -> FrozenMap:
 def thaw(value: Any) -> Any:
     """Turn a frozen value back into plain JSON data (dicts and lists)."""
     if isinstance(value, FrozenMap):
-        return {k: thaw(v) for k, v in value._data.items()}
+        return {k: thaw(v) for k, v in dict.items(value)}
     if isinstance(value, tuple):
         return [thaw(v) for v in value]
     return value

@@ -194,3 +194,147 @@ def test_bad_options_raise_configuration_error(options: dict[str, Any]) -> None:
     settings.update(options)
     with pytest.raises(ConfigurationError):
         OAuth2IntrospectionAuthenticator(**settings)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, "unsupported_token_type"), (400, "invalid_request"), (404, "invalid_token")],
+)
+async def test_a_4xx_with_an_oauth_error_refuses_the_token_and_is_cached(
+    make: Factory,
+    control: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    error: str,
+) -> None:
+    """The server refusing the token (a 4xx with an OAuth error body) is a 401, remembered
+    as a negative answer: one call, no ERROR line."""
+    await _register(control, jwtlike=[status, {"error": error, "error_description": "no"}])
+    auth = make()
+    with caplog.at_level(logging.DEBUG, logger="ctxvars_mw.auth"):
+        for _ in range(3):
+            with pytest.raises(InvalidTokenError, match="refused"):
+                await auth.verify("jwtlike")
+    assert await _hits(control) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "jwtlike" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [401, {"error": "invalid_client"}],
+        [403, {"error": "access_denied"}],
+        [400, {"error": "invalid_client"}],
+        [400, {"error": "unauthorized_client"}],
+    ],
+)
+async def test_a_refusal_of_our_client_credentials_is_a_503_and_one_clear_line(
+    make: Factory, control: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, answer: Any
+) -> None:
+    """401/403 or invalid_client is about this service's credentials: 503 (not a 401 blamed
+    on the caller), one ERROR line naming the cause, not cached."""
+    await _register(control, t=answer)
+    auth = make()
+    with caplog.at_level(logging.ERROR, logger="ctxvars_mw.auth"):
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailableError):
+                await auth.verify("t")
+    assert await _hits(control) == 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert all("client credentials" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [404, "<html>Not Found</html>"],
+        [400, {"message": "no oauth error member"}],
+        [400, {"error": "Not An OAuth Code!"}],
+        [429, {"error": "slow_down"}],
+        [502, {"error": "server_error"}],
+    ],
+)
+async def test_answers_that_are_no_refusal_of_the_token_are_503(
+    make: Factory, control: httpx.AsyncClient, answer: Any
+) -> None:
+    """A 4xx without an OAuth error body, a 429 or a 5xx is no answer about the token: 503,
+    asked again next time."""
+    await _register(control, t=answer)
+    auth = make()
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailableError):
+            await auth.verify("t")
+    assert await _hits(control) == 2
+
+
+async def test_a_token_without_sub_falls_back_to_its_client_id(
+    make: Factory, control: httpx.AsyncClient
+) -> None:
+    """RFC 7662 makes sub optional: a client credentials answer with only client_id maps to
+    that client as the user and as Identity.client_id; with sub, client_id is kept apart."""
+    await _register(
+        control,
+        cc=_active(sub=None, client_id="billing-service", scope="invoices:read"),
+        user=_active(client_id="web-app"),
+        nobody=_active(sub=None),
+    )
+    auth = make()
+    service = await auth.verify("cc")
+    assert service.user_id == "billing-service"
+    assert service.client_id == "billing-service"
+    assert service.scopes == {"invoices:read"}
+    user = await auth.verify("user")
+    assert (user.user_id, user.client_id) == (USER, "web-app")
+    with pytest.raises(InvalidTokenError, match="subject"):
+        await auth.verify("nobody")
+    strict = make(fallback_user_id_claim=None)
+    with pytest.raises(InvalidTokenError, match="subject"):
+        await strict.verify("cc")
+
+
+async def test_from_issuer_finds_the_introspection_endpoint(
+    auth_server: str, control: httpx.AsyncClient
+) -> None:
+    """from_issuer reads introspection_endpoint from the metadata on first use, once."""
+    await control.post(
+        "/control/metadata",
+        json={
+            "oidc": {"issuer": auth_server, "introspection_endpoint": f"{auth_server}/introspect"}
+        },
+    )
+    await _register(control, opaque1=_active())
+    auth = OAuth2IntrospectionAuthenticator.from_issuer(
+        auth_server, client_id=CLIENT_ID, client_secret=CLIENT_SECRET
+    )
+    assert auth.introspection_url is None
+    for _ in range(3):
+        auth.clear_cache()
+        assert (await auth.verify("opaque1")).user_id == USER
+    assert auth.introspection_url == f"{auth_server}/introspect"
+    hits = (await control.get("/control/hits")).json()
+    assert (hits["oidc"], hits["introspect"]) == (1, 3)
+    await auth.aclose()
+
+
+async def test_from_issuer_with_a_bad_document_is_a_503_and_discover_says_why(
+    auth_server: str, control: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A document without an introspection endpoint: requests get 503 and an ERROR line;
+    discover() raises DiscoveryError naming what is missing."""
+    from ctxvars_mw.auth.discovery import DiscoveryError
+
+    await control.post("/control/metadata", json={"oidc": {"issuer": auth_server}})
+    auth = OAuth2IntrospectionAuthenticator.from_issuer(
+        auth_server, client_id=CLIENT_ID, client_secret=CLIENT_SECRET
+    )
+    with (
+        caplog.at_level(logging.ERROR, logger="ctxvars_mw.auth"),
+        pytest.raises(ServiceUnavailableError),
+    ):
+        await auth.verify("opaque1")
+    assert "introspection_endpoint" in caplog.text
+    with pytest.raises(DiscoveryError, match="introspection_endpoint"):
+        await auth.discover()
+    await auth.aclose()

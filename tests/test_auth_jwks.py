@@ -285,3 +285,93 @@ async def test_https_jwks_for_another_host_name_is_a_503(
         await auth.verify(_token("k1"))
     assert "TLS: IP address mismatch" in caplog.text
     assert await _hits(tls_control) == 0
+
+
+async def test_a_withdrawn_key_stops_authenticating_its_cached_tokens(
+    auth_server: str, control: httpx.AsyncClient
+) -> None:
+    """A token cached while its key was published is refused once the set, refetched in
+    the background after jwks_cache_ttl (cache hits trigger it), no longer holds the key;
+    a token of a key still published keeps being answered from the cache."""
+    await _serve(
+        control, public_jwk(rsa_key(), "k1", "RS256"), public_jwk(rsa_key(1), "k2", "RS256")
+    )
+    auth = _auth(auth_server, jwks_cache_ttl=0.2, jwks_min_refresh_interval=0.05)
+    withdrawn, kept = _token("k1"), _token("k2", 1)
+    await auth.verify(withdrawn)
+    await auth.verify(kept)
+    await _serve(control, public_jwk(rsa_key(1), "k2", "RS256"))  # k1 leaves the set
+    assert await auth.verify(withdrawn)  # within the TTL: the cache still answers
+    await asyncio.sleep(0.25)
+    assert await auth.verify(withdrawn)  # past it: answered, and a refetch starts
+    assert auth.jwks is not None
+    for _ in range(100):
+        if auth.jwks.fetch_count == 2:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(InvalidTokenError, match="unknown"):
+        await auth.verify(withdrawn)
+    assert await _hits(control) == 2
+    assert (await auth.verify(kept)).user_id  # k2 is the same key: its entry stays
+    assert await _hits(control) == 2
+
+
+async def test_a_kid_republished_with_another_key_invalidates_its_cached_tokens(
+    auth_server: str, control: httpx.AsyncClient
+) -> None:
+    """The cache entry remembers the key by thumbprint: the same kid with new material is
+    another key, and a token verified by the old one is verified again (and refused)."""
+    await _serve(control, public_jwk(rsa_key(), "k1", "RS256"))
+    auth = _auth(auth_server, jwks_min_refresh_interval=0.05)
+    token = _token("k1")
+    await auth.verify(token)
+    await _serve(control, public_jwk(rsa_key(1), "k1", "RS256"))
+    assert auth.jwks is not None
+    await auth.jwks.refresh()
+    with pytest.raises(InvalidTokenError, match="signature"):
+        await auth.verify(token)
+    assert (await auth.verify(_token("k1", 1, jti="new"))).user_id
+
+
+async def test_withdrawal_is_seen_through_the_middleware_cache_path(
+    auth_server: str, control: httpx.AsyncClient
+) -> None:
+    """The middleware's own cache lookup honours the withdrawal too: 200, then 401."""
+    await _serve(control, public_jwk(rsa_key(), "k1", "RS256"))
+    auth = _auth(auth_server, jwks_cache_ttl=0.2, jwks_min_refresh_interval=0.05)
+    app = make_app(authenticator=auth, require_authentication=True)
+    token = _token("k1")
+    async with client_for(app) as client:
+        assert (await client.get("/whoami", headers=bearer(token))).status_code == 200
+        await _serve(control, public_jwk(rsa_key(1), "k2", "RS256"))
+        await asyncio.sleep(0.25)
+        statuses = []
+        for _ in range(10):
+            statuses.append((await client.get("/whoami", headers=bearer(token))).status_code)
+            await asyncio.sleep(0.05)
+    assert statuses[0] == 200
+    assert statuses[-1] == 401
+
+
+def test_a_fetched_set_keeps_the_verifiers_of_unchanged_keys() -> None:
+    """Thumbprints follow RFC 7638 (its §3.1 example) and tell keys apart by material."""
+    from ctxvars_mw.auth.keys import jwk_thumbprint
+
+    rfc_example = {
+        "kty": "RSA",
+        "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6"
+        "tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-"
+        "65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNL"
+        "yrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJ"
+        "zKnqDKgw",
+        "e": "AQAB",
+        "alg": "RS256",
+        "kid": "2011-04-29",
+    }
+    assert jwk_thumbprint(rfc_example) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+    assert jwk_thumbprint(public_jwk(rsa_key(), "a", "RS256")) == jwk_thumbprint(
+        public_jwk(rsa_key(), "b", "RS256")
+    )
+    assert jwk_thumbprint(public_jwk(rsa_key(), "a", "RS256")) != jwk_thumbprint(
+        public_jwk(rsa_key(1), "a", "RS256")
+    )

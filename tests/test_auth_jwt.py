@@ -364,3 +364,95 @@ def test_loopback_jwks_url_may_use_http() -> None:
     """Plain http is allowed for loopback hosts only."""
     for host in ("127.0.0.1", "localhost", "[::1]"):
         JWTAuthenticator(jwks_url=f"http://{host}:8080/jwks", algorithms=["RS256"])
+
+
+_ORDERS = {
+    "ES256": ("P-256", 32),
+    "ES384": ("P-384", 48),
+    "ES512": ("P-521", 66),
+}
+
+
+def _twin(token: str, alg: str) -> tuple[str, bool]:
+    """The n - s twin of an ES* token and whether the twin is the high-S one."""
+    from ctxvars_mw.auth.keys import _CURVE_ORDERS
+
+    signing_input, _, signature_b64 = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(signature_b64 + "==")
+    size = _ORDERS[alg][1]
+    order = _CURVE_ORDERS[alg]
+    s = int.from_bytes(signature[size:], "big")
+    twin = signature[:size] + (order - s).to_bytes(size, "big")
+    encoded = base64.urlsafe_b64encode(twin).rstrip(b"=").decode()
+    return f"{signing_input}.{encoded}", order - s > order // 2
+
+
+def _token_with_s(alg: str, high: bool, **extra: Any) -> tuple[str, str]:
+    """A real token whose signature has a high (or low) s, and its twin."""
+    for i in range(64):
+        token = sign(claims(jti=f"s{i}", **extra), ec_key(_ORDERS[alg][0]), alg)
+        twin, twin_is_high = _twin(token, alg)
+        if twin_is_high != high:
+            return token, twin
+    raise AssertionError("no signature of the wanted kind in 64 tries")
+
+
+@pytest.mark.parametrize("alg", sorted(_ORDERS))
+def test_the_n_minus_s_twin_of_a_real_token_is_a_valid_ecdsa_signature(alg: str) -> None:
+    """ECDSA itself accepts both spellings (which is why they must be told apart), and the
+    curve orders used to spell the twin are right."""
+    token, twin = _token_with_s(alg, high=False)
+    public = ec_key(_ORDERS[alg][0]).public_key()
+    assert jwt.decode(twin, public, algorithms=[alg], audience=AUDIENCE)["sub"] == USER
+    assert twin != token
+
+
+@pytest.mark.parametrize("alg", sorted(_ORDERS))
+async def test_require_low_s_refuses_the_high_s_twin(alg: str) -> None:
+    """With require_low_s, the forged high-S twin of a real low-S token is a 401, and a
+    token the signer gave a high s is refused as well."""
+    public = ec_key(_ORDERS[alg][0]).public_key()
+    auth = JWTAuthenticator(key=public, algorithms=[alg], audience=AUDIENCE, require_low_s=True)
+    token, twin = _token_with_s(alg, high=False)
+    assert (await auth.verify(token)).user_id == USER
+    with pytest.raises(InvalidTokenError, match="low-S"):
+        await auth.verify(twin)
+    high, _ = _token_with_s(alg, high=True)
+    with pytest.raises(InvalidTokenError, match="low-S"):
+        await auth.verify(high)
+
+
+async def test_both_spellings_of_an_es256_token_are_one_cached_token() -> None:
+    """By default the twin of a token is the same token: one verification, one identity,
+    and canonical_token gives both the low-S spelling to key a deny list on."""
+    public = ec_key().public_key()
+    auth = JWTAuthenticator(key=public, algorithms=["ES256"], audience=AUDIENCE)
+    high, low = _token_with_s("ES256", high=True)
+    first = await auth.verify(high)
+    assert await auth.verify(low) is first  # answered from the entry of its twin
+    assert await auth.verify(high) is first
+    assert JWTAuthenticator.canonical_token(high) == JWTAuthenticator.canonical_token(low) == low
+    assert JWTAuthenticator.canonical_token("not.a.token!") == "not.a.token!"
+    rs = sign(claims(), rsa_key(), "RS256")
+    assert JWTAuthenticator.canonical_token(rs) == rs
+    auth.clear_cache()
+    assert len(auth._cache) == 0
+    assert (await auth.verify(low)).user_id == USER
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"require_low_s": "yes"}, "require_low_s"),
+        ({"roles_claim": "https://example.com/roles"}, "brackets"),
+        ({"roles_claim": "realm_access..roles"}, "claim path"),
+        ({"roles_claim": []}, "at least one"),
+        ({"tier_map": {"gold": "platinum"}}, "tier"),
+        ({"tier_map": ["gold"]}, "tier_map"),
+        ({"claims_mapper": "not callable"}, "callable"),
+    ],
+)
+def test_bad_mapping_options_raise_configuration_error(options: dict[str, Any], match: str) -> None:
+    """Claim paths, tier maps and the hook are checked at construction."""
+    with pytest.raises(ConfigurationError, match=match):
+        JWTAuthenticator(key=SECRET, algorithms=["HS256"], **options)

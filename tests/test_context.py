@@ -26,6 +26,7 @@ from ctxvars_mw import (
     set_id_rules,
     use_id_rules,
 )
+from ctxvars_mw.frozen import FrozenMap
 from ctxvars_mw.ids import get_id_rules
 
 USER = "user_2hNqYf3kT9xWzL"
@@ -553,8 +554,9 @@ def test_context_mappings_cannot_be_mutated() -> None:
 
 
 def _mutable_objects(value: Any, found: list[Any]) -> list[Any]:
-    """Every list, dict, set or bytearray reachable from ``value``."""
-    if isinstance(value, (list, dict, set, bytearray)):
+    """Every list, dict, set or bytearray reachable from ``value`` (a FrozenMap is a dict
+    whose mutators raise: not mutable)."""
+    if isinstance(value, (list, dict, set, bytearray)) and not isinstance(value, FrozenMap):
         found.append(value)
     if isinstance(value, (dict,)):
         for item in value.values():

@@ -172,3 +172,80 @@ def test_frozen_map_pickles_and_copies() -> None:
     assert pickle.loads(pickle.dumps(fm)) == fm
     assert copy.deepcopy(fm) == fm
     assert copy.copy(fm) == fm
+
+
+def _nested_claims() -> dict[str, Any]:
+    return {
+        "sub": "auth0|5f7c8ec7c33c6c004bbafe82",
+        "realm_access": {"roles": ["user", "admin"]},
+        "resource_access": {"api": {"roles": ["reader"]}},
+        "https://example.com/meta": {"plan": "gold", "flags": [True, None, 1.5]},
+    }
+
+
+def test_frozen_values_serialize_with_json_dumps_as_they_are() -> None:
+    """json.dumps takes a FrozenMap with nested maps and tuples, and dict(fm) too."""
+    frozen = freeze(_nested_claims())
+    assert json.loads(json.dumps(frozen)) == _nested_claims()
+    assert json.loads(json.dumps(dict(frozen))) == _nested_claims()
+    assert json.loads(json.dumps(frozen, indent=2, sort_keys=True)) == _nested_claims()
+    assert json.dumps(EMPTY) == "{}"
+
+
+def test_context_claims_serialize_with_json_jsonable_encoder_and_to_dict() -> None:
+    """A context's nested claims go through json.dumps, FastAPI's jsonable_encoder and
+    to_dict() alike, with the same plain result."""
+    from fastapi.encoders import jsonable_encoder
+
+    from ctxvars_mw import UserExecutionContext
+
+    ctx = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82", claims=_nested_claims())
+    expected = _nested_claims()
+    assert json.loads(json.dumps(dict(ctx.claims))) == expected
+    assert json.loads(json.dumps(ctx.claims)) == expected
+    assert jsonable_encoder(ctx.claims) == expected
+    assert jsonable_encoder({"claims": ctx.claims}) == {"claims": expected}
+    assert ctx.to_dict()["claims"] == expected
+    assert json.loads(ctx.to_json())["claims"] == expected
+
+
+def test_frozen_map_is_a_dict_whose_mutators_raise() -> None:
+    """isinstance(fm, dict) holds, and every dict mutator raises (TypeError and
+    AttributeError both catch it); the map is unchanged afterwards."""
+    fm = FrozenMap({"a": 1, "n": {"k": [1]}})
+    assert isinstance(fm, dict)
+    writes = [
+        lambda: fm.__setitem__("b", 2),
+        lambda: fm.__delitem__("a"),
+        lambda: fm.update({"b": 2}),
+        lambda: fm.update(b=2),
+        lambda: fm.setdefault("b", 2),
+        lambda: fm.pop("a"),
+        lambda: fm.pop("zz", None),
+        lambda: fm.popitem(),
+        lambda: fm.clear(),
+        lambda: fm.__ior__({"b": 2}),
+        lambda: fm.__init__({"b": 2}),  # type: ignore[misc]
+        lambda: fm["n"].update({"x": 1}),
+    ]
+    for write in writes:
+        with pytest.raises(TypeError):
+            write()
+        with pytest.raises(AttributeError):
+            write()
+    with pytest.raises(TypeError):
+        fm |= {"b": 2}  # type: ignore[misc]
+    assert fm == {"a": 1, "n": {"k": (1,)}}
+    assert type(fm | {"b": 2}) is dict  # a new plain dict; fm is unchanged
+    assert "b" not in fm
+
+
+def test_frozen_map_copies_are_the_same_object_or_plain_dicts() -> None:
+    """copy/deepcopy of an immutable map return it; fm.copy() and dict(fm) are plain dicts."""
+    fm = FrozenMap({"a": {"b": 1}})
+    assert copy.copy(fm) is fm
+    assert copy.deepcopy(fm) is fm
+    plain = fm.copy()
+    assert type(plain) is dict
+    plain["c"] = 1
+    assert "c" not in fm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import Authenticator, Connection, Headers, Identity
+from .discovery import DiscoveryError, ProviderMetadata
 from .introspection import OAuth2IntrospectionAuthenticator
 from .jwt import JWTAuthenticator
 from .redis_sessions import RedisSessionStore
@@ -11,11 +12,13 @@ from .sessions import InMemorySessionStore, Session, SessionStore
 __all__ = [
     "Authenticator",
     "Connection",
+    "DiscoveryError",
     "Headers",
     "Identity",
     "InMemorySessionStore",
     "JWTAuthenticator",
     "OAuth2IntrospectionAuthenticator",
+    "ProviderMetadata",
     "RedisSessionStore",
     "Session",
     "SessionStore",

@@ -110,7 +110,11 @@ def _frozenset(value: Iterable[str]) -> frozenset[str]:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who an authenticator says the caller is; the middleware builds the context from it."""
+    """Who an authenticator says the caller is; the middleware builds the context from it.
+
+    ``scopes`` are the OAuth scopes granted to the token, kept apart from ``permissions``;
+    ``client_id`` is the OAuth client it was issued to (None when the token does not say).
+    """
 
     user_id: str
     tier: Tier | None = None
@@ -121,6 +125,9 @@ class Identity:
     claims: Mapping[str, Any] = field(default=EMPTY)
     auth_method: str | None = None
     expires_at: float | None = None
+    #: The OAuth client the token was issued to (``client_id``, or ``azp``): for a client
+    #: credentials token, the calling service.
+    client_id: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -131,6 +138,10 @@ class Identity:
             if not isinstance(value, frozenset):
                 set_(self, name, _frozenset(value))
         set_(self, "claims", freeze_mapping(self.claims))
+        if self.client_id is not None and (
+            not isinstance(self.client_id, str) or not self.client_id
+        ):
+            raise TypeError("client_id must be a non-empty string or None")
 
 
 @runtime_checkable

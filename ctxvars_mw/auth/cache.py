@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, Protocol, TypeVar
 
-__all__ = ["TTLCache", "token_digest"]
+__all__ = ["KeySet", "TTLCache", "VerifiedTokens", "token_digest"]
 
 V = TypeVar("V")
 
@@ -57,6 +57,76 @@ class TTLCache(Generic[V]):
     def discard(self, key: bytes) -> None:
         """Forget ``key``."""
         self._data.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class KeySet(Protocol):
+    """What :class:`VerifiedTokens` asks of a key set (:class:`~.jwks.JWKSClient`)."""
+
+    #: When the set goes stale, in the set's own ``clock()`` time.
+    stale_at: float
+    #: The published verifiers by ``(kid, alg)``.
+    current: Mapping[tuple[str, str], Any]
+
+    def refresh_if_stale(self) -> None:
+        """Refetch the set in the background once it is older than its TTL."""
+        ...
+
+
+class VerifiedTokens(Generic[V]):
+    """Verified tokens by digest, each with the key that verified it.
+
+    With a key set, a hit counts only while that key is still published (a key withdrawn
+    from the set, or a ``kid`` republished with other material, takes its tokens' entries
+    with it), and a hit on a stale set lets it refresh in the background: a withdrawn key
+    stops authenticating within the set's TTL, however often its tokens come back.
+    """
+
+    __slots__ = ("_data", "_keys", "_keys_clock")
+
+    def __init__(
+        self,
+        maxsize: int,
+        clock: Callable[[], float],
+        keys: KeySet | None,
+        keys_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._data: TTLCache[tuple[V, tuple[str, str] | None, Any]] = TTLCache(maxsize, clock)
+        self._keys = keys
+        self._keys_clock = keys_clock
+
+    def get(self, digest: bytes) -> V | None:
+        """The live value for ``digest`` whose key is still current, or None."""
+        entry = self._data.get(digest)
+        if entry is None:
+            return None
+        keys = self._keys
+        if keys is not None:
+            if self._keys_clock() >= keys.stale_at:
+                keys.refresh_if_stale()
+            name = entry[1]
+            if name is None or keys.current.get(name) is not entry[2]:
+                self._data.discard(digest)
+                return None
+        return entry[0]
+
+    def put(
+        self, digest: bytes, value: V, expires_at: float, key: tuple[str | None, str, Any]
+    ) -> None:
+        """Remember ``value``, verified by ``key`` (``(kid, alg, verifier)``), until
+        ``expires_at``."""
+        kid, alg, verifier = key
+        self._data.put(digest, (value, None if kid is None else (kid, alg), verifier), expires_at)
+
+    def discard(self, digest: bytes) -> None:
+        """Forget ``digest``."""
+        self._data.discard(digest)
 
     def clear(self) -> None:
         """Forget everything."""

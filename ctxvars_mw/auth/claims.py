@@ -1,29 +1,27 @@
-"""Claim validation and the mapping of verified claims to an :class:`Identity`.
+"""Claim validation, and the verified claims turned into an :class:`Identity`.
 
 Shared by the JWT and introspection authenticators. Types are strict: time claims are JSON
 numbers (not strings, not booleans, finite, before year 10000), ``iss`` is a string, ``aud``
 a string or a list of strings, ``roles``/``permissions`` lists of non-empty strings,
-``scope`` a space-separated string or a list of strings, ``tier`` a :class:`Tier` value, the
-user id a non-empty, non-placeholder string under the current id rules.
+``scope`` a space-separated string or a list of strings, ``client_id``/``azp`` strings, the
+user id a non-empty, non-placeholder string under the current id rules. Where each value is
+found (claim paths, tier names, the ``claims_mapper`` hook) is :mod:`.mapping`'s part.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError, ExpiredTokenError, InvalidTokenError
 from ..frozen import freeze_mapping
-from ..ids import get_id_rules, is_valid_id
-from ..tier import Tier
 from .base import Identity
+from .mapping import ClaimMapping, lookup, parse_path
 
-__all__ = ["ClaimNames", "ClaimRules", "string_set"]
+__all__ = ["ClaimRules", "string_set"]
 
 _MAX_TIME = 253402300799  # 9999-12-31T23:59:59Z
-_MAX_ITEMS = 1000
 
 
 def string_set(name: str, value: Iterable[str] | str | None) -> frozenset[str] | None:
@@ -36,28 +34,6 @@ def string_set(name: str, value: Iterable[str] | str | None) -> frozenset[str] |
     return frozenset(items)
 
 
-def _claim_name(option: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(f"{option} must be a non-empty claim name")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimNames:
-    """Which claims carry the user id, tier, roles, permissions, scopes and session id."""
-
-    user_id: str = "sub"
-    tier: str = "tier"
-    roles: str = "roles"
-    permissions: str = "permissions"
-    scope: str = "scope"
-    session: str = "sid"
-
-    def __post_init__(self) -> None:
-        for option in ("user_id", "tier", "roles", "permissions", "scope", "session"):
-            _claim_name(f"{option}_claim", getattr(self, option))
-
-
 def _time(payload: dict[str, Any], name: str) -> float | None:
     if name not in payload:
         return None
@@ -67,34 +43,10 @@ def _time(payload: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _strings(payload: dict[str, Any], name: str) -> frozenset[str]:
-    value = payload.get(name)
-    if value is None:
-        return frozenset()
-    if (
-        type(value) is not list
-        or len(value) > _MAX_ITEMS
-        or not all(type(item) is str and item for item in value)
-    ):
-        raise InvalidTokenError(f"The token's '{name}' claim must be a list of strings.")
-    return frozenset(value)
-
-
-def _scopes(payload: dict[str, Any], name: str) -> frozenset[str]:
-    value = payload.get(name)
-    if value is None:
-        return frozenset()
-    if type(value) is str:
-        return frozenset(value.split())
-    if type(value) is not list:
-        raise InvalidTokenError(f"The token's '{name}' claim must be a string or a list.")
-    return _strings(payload, name)
-
-
 class ClaimRules:
     """Issuer, audience, leeway and required claims, checked against a payload."""
 
-    __slots__ = ("audience", "issuer", "leeway", "names", "required", "strict_audience")
+    __slots__ = ("audience", "issuer", "leeway", "mapping", "required", "strict_audience")
 
     def __init__(
         self,
@@ -103,7 +55,7 @@ class ClaimRules:
         audience: Iterable[str] | str | None,
         leeway: float,
         required: Iterable[str],
-        names: ClaimNames,
+        mapping: ClaimMapping,
         strict_audience: bool = True,
     ) -> None:
         if isinstance(leeway, bool) or not isinstance(leeway, (int, float)):
@@ -115,8 +67,8 @@ class ClaimRules:
         self.issuer = string_set("issuer", issuer)
         self.audience = string_set("audience", audience)
         self.leeway = float(leeway)
-        self.required = tuple(_claim_name("required_claims", c) for c in required)
-        self.names = names
+        self.required = tuple(parse_path("required_claims", c) for c in required)
+        self.mapping = mapping
         #: Refuse a token that names an audience when none is configured (as PyJWT does).
         self.strict_audience = strict_audience
 
@@ -152,36 +104,32 @@ class ClaimRules:
 
     def identity(self, payload: dict[str, Any], now: float, auth_method: str) -> Identity:
         """Validate ``payload`` at time ``now`` and map it to an Identity."""
-        for claim in self.required:
-            if payload.get(claim) is None:
-                raise InvalidTokenError(f"The token lacks the required '{claim}' claim.")
+        for path in self.required:
+            if lookup(payload, path) is None:
+                raise InvalidTokenError(f"The token lacks the required '{path[-1]}' claim.")
         exp = self._check_times(payload, now)
         self._check_parties(payload)
-        names = self.names
-        user_id = payload.get(names.user_id)
-        if type(user_id) is not str or not is_valid_id(user_id, get_id_rules()):
-            raise InvalidTokenError("The token's subject is not a valid user id.")
+        mapping = self.mapping
+        user_id = mapping.user_id_of(payload)
         jti = payload.get("jti")
         if jti is not None and type(jti) is not str:
             raise InvalidTokenError("The token's 'jti' claim must be a string.")
-        tier_value = payload.get(names.tier)
-        tier = None
-        if tier_value is not None:
-            try:
-                tier = Tier.parse(tier_value)
-            except ValueError:
-                raise InvalidTokenError("The token's tier is unknown.") from None
-        session = payload.get(names.session)
-        if session is not None and (type(session) is not str or not session):
-            raise InvalidTokenError("The token's session id is malformed.")
+        claims = freeze_mapping(payload)
+        tier, roles, permissions = mapping.hooked(
+            claims,
+            mapping.tier_of(lookup(payload, mapping.tier)),
+            mapping.roles_of(payload),
+            mapping.permissions_of(payload),
+        )
         return Identity(
             user_id=user_id,
             tier=tier,
-            roles=_strings(payload, names.roles),
-            permissions=_strings(payload, names.permissions),
-            scopes=_scopes(payload, names.scope),
-            session_id=session,
-            claims=freeze_mapping(payload),
+            roles=roles,
+            permissions=permissions,
+            scopes=mapping.scopes_of(payload),
+            session_id=mapping.session_of(payload),
+            claims=claims,
             auth_method=auth_method,
             expires_at=exp,
+            client_id=mapping.client_id_of(payload),
         )

@@ -4,6 +4,14 @@ The set is fetched with ``httpx.AsyncClient`` (the event loop is never blocked),
 ``cache_ttl`` seconds, and refetched early when a token names an unknown ``kid`` — at most
 once per ``min_refresh_interval``, so a flood of made-up key ids cannot become a flood of
 fetches. Concurrent misses share one fetch. A failed fetch keeps the last good set.
+
+Each key is known by ``(kid, alg)`` and its RFC 7638 thumbprint: a refetched set keeps the
+verifier object of every key it still holds, so :meth:`JWKSClient.is_current` tells whether
+the key that verified a cached token is still published (a key withdrawn, or a ``kid``
+republished with other material, is not). Once the set is older than ``cache_ttl``,
+:meth:`JWKSClient.refresh_if_stale` refetches it in the background, so that tokens answered
+from the cache also see a withdrawal. With a :class:`~.discovery.ProviderMetadata`, the
+JWKS URL is the document's ``jwks_uri``, and the document is refetched with every set.
 """
 
 from __future__ import annotations
@@ -14,16 +22,20 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 
 from ..errors import ConfigurationError, InvalidTokenError, ServiceUnavailableError
-from .keys import Verifier, load_jwks
+from .keys import Verifier, load_jwks_entries
 from .options import seconds_option
 
-__all__ = ["JWKSClient", "check_url"]
+if TYPE_CHECKING:
+    from .discovery import ProviderMetadata
+
+__all__ = ["JWKSClient", "check_url", "tls_reason"]
 
 logger = logging.getLogger("ctxvars_mw.auth")
 
@@ -54,7 +66,7 @@ def check_url(option: str, url: object) -> str:
     return url
 
 
-def _tls_reason(exc: BaseException) -> str:
+def tls_reason(exc: BaseException) -> str:
     """``": TLS: <OpenSSL's reason>"`` when a certificate check caused ``exc``, else "".
 
     The reason is one of OpenSSL's fixed messages (an unknown issuer, an expired
@@ -75,9 +87,10 @@ class JWKSClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         algorithms: tuple[str, ...],
         *,
+        metadata: ProviderMetadata | None = None,
         cache_ttl: float,
         min_refresh_interval: float,
         timeout: float = 5.0,
@@ -85,7 +98,11 @@ class JWKSClient:
         retry_after: int = 5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.url = check_url("jwks_url", url)
+        if (url is None) == (metadata is None):
+            raise ConfigurationError("give exactly one of a JWKS URL and provider metadata")
+        #: The JWKS URL (with provider metadata: None until the document has been read).
+        self.url = None if url is None else check_url("jwks_url", url)
+        self.metadata = metadata
         self.algorithms = algorithms
         self.cache_ttl = seconds_option("jwks_cache_ttl", cache_ttl, above=True)
         self.min_refresh_interval = seconds_option(
@@ -96,11 +113,17 @@ class JWKSClient:
         self._client = http_client
         # Built once: an SSL context is expensive, and fetches use a short-lived client.
         self._ssl: ssl.SSLContext | None = None
-        if http_client is None and self.url.startswith("https:"):
+        source = metadata.issuer if metadata is not None else url
+        if http_client is None and source is not None and source.startswith("https:"):
             self._ssl = ssl.create_default_context()
         self._clock = clock
         self._keys: dict[tuple[str, str], Verifier] = {}
+        #: The published keys by ``(kid, alg)`` (a new mapping after each refetch).
+        self.current: Mapping[tuple[str, str], Verifier] = self._keys
+        self._thumbprints: dict[tuple[str, str], str] = {}
         self._fetched_at: float | None = None
+        #: When the set goes stale (``clock()`` time; -inf before the first fetch).
+        self.stale_at = float("-inf")
         self._attempted_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
         #: Successful fetches so far (for monitoring and tests).
@@ -131,6 +154,27 @@ class JWKSClient:
             )
         raise InvalidTokenError("The token's signing key is unknown.")
 
+    def is_current(self, kid: str | None, alg: str, verifier: Verifier) -> bool:
+        """Whether ``verifier`` is still the published key for ``(kid, alg)``."""
+        return kid is not None and self._keys.get((kid, alg)) is verifier
+
+    def refresh_if_stale(self) -> None:
+        """Start a background refetch when the set is older than ``cache_ttl`` (at most one
+        per ``min_refresh_interval``); returns at once. Outside an event loop, does nothing."""
+        fetched, attempted, now = self._fetched_at, self._attempted_at, self._clock()
+        if fetched is not None and now - fetched < self.cache_ttl:
+            return
+        if attempted is not None and now - attempted < self.min_refresh_interval:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = self._inflight
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._attempted_at = now
+            self._inflight = loop.create_task(self._fetch())
+
     async def refresh(self) -> None:
         """Fetch the set now (joining a fetch already under way); never raises."""
         loop = asyncio.get_running_loop()
@@ -141,34 +185,64 @@ class JWKSClient:
             self._inflight = task
         await asyncio.shield(task)
 
+    async def _locate(self) -> str:
+        """The JWKS URL: configured, or the provider metadata's ``jwks_uri`` (refetched)."""
+        if self.metadata is None:
+            assert self.url is not None
+            return self.url
+        await self.metadata.get(refresh=True)
+        self.url = self.metadata.endpoint("jwks_uri")
+        return self.url
+
     async def _fetch(self) -> None:
         try:
-            keys = load_jwks(json.loads(await self._download()), self.algorithms)
+            url = await self._locate()
+        except ConfigurationError as exc:  # an unusable document: our own words say why
+            logger.error("no JWKS URL: %s; keeping the last good key set", exc)
+            return
+        except Exception as exc:  # unreachable: logged by the metadata
+            logger.warning(
+                "no JWKS URL from the metadata (%s); keeping the last good key set",
+                type(exc).__name__,
+            )
+            return
+        try:
+            entries = load_jwks_entries(json.loads(await self._download(url)), self.algorithms)
         except Exception as exc:  # any failure keeps the last good set
             logger.warning(
                 "JWKS fetch from %s failed (%s%s); keeping the last good key set",
-                self.url,
+                url,
                 type(exc).__name__,
-                _tls_reason(exc),
+                tls_reason(exc),
             )
             return
-        if not keys:
-            logger.warning("JWKS at %s has no usable keys; keeping the last good set", self.url)
+        if not entries:
+            logger.warning("JWKS at %s has no usable keys; keeping the last good set", url)
             return
-        self._keys = keys
+        old_keys, old_thumbprints = self._keys, self._thumbprints
+        keys: dict[tuple[str, str], Verifier] = {}
+        for name, (thumbprint, verifier) in entries.items():
+            # The same key as before keeps its verifier: cached tokens it verified stay good.
+            same = old_thumbprints.get(name) == thumbprint
+            keys[name] = old_keys[name] if same else verifier
+        self._keys = self.current = keys
+        self._thumbprints = {name: entry[0] for name, entry in entries.items()}
         self._fetched_at = self._clock()
+        self.stale_at = self._fetched_at + self.cache_ttl
         self.fetch_count += 1
 
-    async def _download(self) -> bytes:
+    async def _download(self, url: str) -> bytes:
         if self._client is not None:
-            return await self._read(self._client)
-        verify: ssl.SSLContext | bool = self._ssl if self._ssl is not None else True
+            return await self._read(self._client, url)
+        if self._ssl is None:  # built once: each one costs tens of milliseconds
+            self._ssl = ssl.create_default_context()
+        verify = self._ssl
         async with httpx.AsyncClient(verify=verify, timeout=self.timeout) as client:
-            return await self._read(client)
+            return await self._read(client, url)
 
-    async def _read(self, client: httpx.AsyncClient) -> bytes:
+    async def _read(self, client: httpx.AsyncClient, url: str) -> bytes:
         headers = {"Accept": "application/json"}
-        async with client.stream("GET", self.url, headers=headers, timeout=self.timeout) as resp:
+        async with client.stream("GET", url, headers=headers, timeout=self.timeout) as resp:
             resp.raise_for_status()
             body = bytearray()
             async for chunk in resp.aiter_bytes():

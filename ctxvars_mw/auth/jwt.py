@@ -1,19 +1,28 @@
 """JWTAuthenticator: bearer JWTs verified with PyJWT's algorithms and keys loaded once.
 
-Verification order: size limit → verified-token cache → strict parsing (:mod:`.jose`:
-three canonical segments, no repeated JSON members, refused header parameters, the
-allow-list) → the key (configured, or from the JWKS by ``kid``) → the signature (PyJWT's
-algorithm implementation with the key object prepared at construction) → the claims
-(:mod:`.claims`). Every failure is an :class:`InvalidTokenError` (or
-:class:`ExpiredTokenError`) — a 401, never a 500; an unreachable JWKS with no key set yet is
-a :class:`ServiceUnavailableError` (503).
+Verification order: size limit → verified-token cache (a hit counts while the key that
+verified it is still published) → strict parsing (:mod:`.jose`: three canonical segments,
+no repeated JSON members, refused header parameters, the allow-list) → an ES* signature's
+canonical (low-S) spelling → the key (configured, or from the JWKS by ``kid``) → the
+signature (PyJWT's algorithm implementation with the key object prepared at construction) →
+the claims (:mod:`.claims`). Every failure is an :class:`InvalidTokenError` (or
+:class:`ExpiredTokenError`) — a 401, never a 500; an unreachable JWKS (or provider metadata)
+with no key set yet is a :class:`ServiceUnavailableError` (503).
+
+ECDSA signatures have two valid spellings, ``s`` and ``n - s``, and signers use both about
+equally often. A token with a high ``s`` is therefore accepted, but known by its low-S
+spelling: both spellings are one entry of the verified-token cache, and
+:meth:`JWTAuthenticator.canonical_token` gives the spelling to key anything else on (a deny
+list). ``require_low_s=True`` refuses high-S signatures instead, for issuers known to emit
+only low-S ones.
 """
 
 from __future__ import annotations
 
+import base64
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Self
 
 import httpx
 import jwt.exceptions as jwt_errors
@@ -23,13 +32,17 @@ from ..errors import (
     ExpiredTokenError,
     HTTPError,
     InvalidTokenError,
+    ServiceUnavailableError,
 )
+from ..tier import Tier
 from .base import Connection, Identity
-from .cache import TTLCache, token_digest
-from .claims import ClaimNames, ClaimRules
-from .jose import HeaderRules, parse_compact
+from .cache import VerifiedTokens, token_digest
+from .claims import ClaimRules
+from .discovery import ProviderMetadata
+from .jose import Compact, HeaderRules, parse_compact
 from .jwks import JWKSClient
-from .keys import HMAC_ALGORITHMS, Verifier, check_algorithms, load_static_key
+from .keys import HMAC_ALGORITHMS, Verifier, check_algorithms, ecdsa_low_s, load_static_key
+from .mapping import ClaimMapper, ClaimMapping
 from .options import int_option
 
 __all__ = ["JWTAuthenticator", "from_pyjwt_error"]
@@ -59,14 +72,19 @@ class JWTAuthenticator:
     """Authenticates ``Authorization: Bearer <JWT>`` (and the websocket token sources).
 
     Give exactly one of ``key`` (a PEM string/bytes, a ``cryptography`` public key object, a
-    JWK dict, or for ``HS*`` a secret of at least the hash size) and ``jwks_url`` (https, or
-    http on a loopback host). ``algorithms`` is the mandatory allow-list. Claims are mapped to
-    the :class:`Identity`: ``user_id_claim`` → user id, ``tier_claim`` → tier,
-    ``roles_claim``/``permissions_claim`` → lists of strings, ``scope_claim`` → scopes (a
-    space-separated string or a list), ``session_claim`` → session id. Verified tokens are
-    cached (an LRU of ``cache_size`` entries keyed by a SHA-256 of the token, each until the
-    token's ``exp``; ``cache_size=0`` disables it). ``http_client`` (optional) is used for
-    JWKS fetches instead of a short-lived client per fetch; ``clock`` is for tests.
+    JWK dict, or for ``HS*`` a secret of at least the hash size), ``jwks_url`` (https, or
+    http on a loopback host) and ``provider_metadata`` (the JWKS URL read from the provider's
+    metadata; :meth:`from_issuer` builds it). ``algorithms`` is the mandatory allow-list.
+    Claims are mapped to the :class:`Identity` (claim paths such as ``"realm_access.roles"``,
+    ``tier_map`` and the ``claims_mapper`` hook: see :mod:`.mapping`): ``user_id_claim`` →
+    user id, ``tier_claim`` → tier, ``roles_claim``/``permissions_claim`` → lists of strings,
+    ``scope_claim`` → scopes (a space-separated string or a list), ``session_claim`` →
+    session id; ``client_id`` (or ``azp``) → ``Identity.client_id``. ``required_typ="at+jwt"``
+    (which ``typ: application/at+jwt`` also satisfies) is the setting for RFC 9068 access
+    tokens. Verified tokens are cached (an LRU of ``cache_size`` entries keyed by a SHA-256
+    of the token, each until the token's ``exp`` and while its key is published;
+    ``cache_size=0`` disables it). ``http_client`` (optional) is used for JWKS fetches
+    instead of a short-lived client per fetch; ``clock`` is for tests.
     """
 
     def __init__(
@@ -81,22 +99,29 @@ class JWTAuthenticator:
         required_claims: Iterable[str] = ("exp", "sub"),
         user_id_claim: str = "sub",
         tier_claim: str = "tier",
-        roles_claim: str = "roles",
-        permissions_claim: str = "permissions",
+        roles_claim: str | Iterable[str] = "roles",
+        permissions_claim: str | Iterable[str] = "permissions",
         scope_claim: str = "scope",
         session_claim: str = "sid",
+        tier_map: Mapping[str, Tier | str] | None = None,
+        claims_mapper: ClaimMapper | None = None,
         required_typ: str | None = None,
+        require_low_s: bool = False,
         max_token_bytes: int = 8192,
         jwks_cache_ttl: float = 300,
         jwks_min_refresh_interval: float = 5,
         cache_size: int = 10_000,
         jwks_timeout: float = 5.0,
         http_client: httpx.AsyncClient | None = None,
+        provider_metadata: ProviderMetadata | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         names = check_algorithms(algorithms)
-        if (key is None) == (jwks_url is None):
-            raise ConfigurationError("give exactly one of key= and jwks_url=")
+        if [key, jwks_url, provider_metadata].count(None) != 2:
+            raise ConfigurationError("give exactly one of key=, jwks_url= and provider_metadata=")
+        if not isinstance(require_low_s, bool):
+            raise ConfigurationError("require_low_s must be a bool")
+        self.require_low_s = require_low_s
         if required_typ is not None and (not isinstance(required_typ, str) or not required_typ):
             raise ConfigurationError("required_typ must be a non-empty string or None")
         self.algorithms = names
@@ -107,13 +132,15 @@ class JWTAuthenticator:
             audience=audience,
             leeway=leeway,
             required=required_claims,
-            names=ClaimNames(
-                user_id_claim,
-                tier_claim,
-                roles_claim,
-                permissions_claim,
-                scope_claim,
-                session_claim,
+            mapping=ClaimMapping(
+                user_id_claim=user_id_claim,
+                tier_claim=tier_claim,
+                roles_claim=roles_claim,
+                permissions_claim=permissions_claim,
+                scope_claim=scope_claim,
+                session_claim=session_claim,
+                tier_map=tier_map,
+                claims_mapper=claims_mapper,
             ),
         )
         self._static: dict[str, Verifier] | None = None
@@ -123,22 +150,86 @@ class JWTAuthenticator:
         else:
             if HMAC_ALGORITHMS.intersection(names):
                 raise ConfigurationError("a JWKS provides public keys: HS* cannot use jwks_url")
-            assert jwks_url is not None
             self._jwks = JWKSClient(
                 jwks_url,
                 names,
+                metadata=provider_metadata,
                 cache_ttl=jwks_cache_ttl,
                 min_refresh_interval=jwks_min_refresh_interval,
                 timeout=jwks_timeout,
                 http_client=http_client,
             )
         self._clock = clock
-        self._cache: TTLCache[Identity] = TTLCache(int_option("cache_size", cache_size, 0), clock)
+        self._cache: VerifiedTokens[Identity] = VerifiedTokens(
+            int_option("cache_size", cache_size, 0), clock, self._jwks
+        )
+
+    @classmethod
+    def from_issuer(
+        cls,
+        issuer: str,
+        *,
+        algorithms: Iterable[str],
+        audience: str | Iterable[str] | None = None,
+        discovery_timeout: float = 5.0,
+        http_client: httpx.AsyncClient | None = None,
+        **options: Any,
+    ) -> Self:
+        """An authenticator for the tokens of the provider at ``issuer``.
+
+        The provider's metadata (OpenID Connect Discovery, else RFC 8414) is read on first
+        use, not here: its ``issuer`` must equal ``issuer`` exactly, and its ``jwks_uri``
+        gives the keys; the document is refetched with the key set. Tokens must carry
+        ``iss == issuer``. ``options`` are the constructor's (not ``key``/``jwks_url``).
+        """
+        for name in ("key", "jwks_url", "issuer", "provider_metadata"):
+            if name in options:
+                raise ConfigurationError(f"from_issuer() takes no {name}=")
+        metadata = ProviderMetadata(
+            issuer,
+            timeout=discovery_timeout,
+            cache_ttl=options.get("jwks_cache_ttl", 300),
+            http_client=http_client,
+        )
+        return cls(
+            algorithms=algorithms,
+            issuer=issuer,
+            audience=audience,
+            provider_metadata=metadata,
+            http_client=http_client,
+            **options,
+        )
 
     @property
     def jwks(self) -> JWKSClient | None:
-        """The JWKS client when keys come from ``jwks_url``."""
+        """The JWKS client when keys come from ``jwks_url`` or the provider metadata."""
         return self._jwks
+
+    async def discover(self) -> None:
+        """Fetch the provider metadata and key set now (e.g. at startup), raising what is
+        wrong: DiscoveryError for an unusable document, ServiceUnavailableError when the
+        provider or its key set cannot be reached. Requests never need this."""
+        jwks = self._jwks
+        if jwks is None:
+            return
+        if jwks.metadata is not None:
+            await jwks.metadata.get(refresh=True)
+            jwks.metadata.endpoint("jwks_uri")
+        await jwks.refresh()
+        if jwks.fetch_count == 0:
+            raise ServiceUnavailableError("The signing keys could not be fetched.")
+
+    @staticmethod
+    def canonical_token(token: str) -> str:
+        """``token`` spelled as this authenticator knows it: an ES* token with a high-S
+        signature as its low-S twin, anything else unchanged. Key deny lists on this."""
+        try:
+            compact = parse_compact(token)
+        except InvalidTokenError:
+            return token
+        alg = compact.header.get("alg")
+        twin = ecdsa_low_s(alg, compact.signature) if isinstance(alg, str) else None
+        return token if twin is None else _respelled(compact, twin)
 
     async def authenticate(self, conn: Connection) -> Identity | None:
         """The identity for ``conn.token``; None when the connection carries no token."""
@@ -172,6 +263,16 @@ class JWTAuthenticator:
             raise
         except Exception as exc:
             raise from_pyjwt_error(exc) from exc
+        twin = ecdsa_low_s(alg, compact.signature)
+        canonical: bytes | None = None
+        if twin is not None:
+            if self.require_low_s:
+                raise InvalidTokenError("The token's signature is not in low-S form.")
+            # Known by its low-S spelling: the twin's cache entry answers for this one.
+            canonical = token_digest(_respelled(compact, twin))
+            cached = self._cache.get(canonical)
+            if cached is not None:
+                return cached
         if self._static is not None:
             verifier = self._static[alg]
         else:
@@ -186,9 +287,18 @@ class JWTAuthenticator:
         except Exception as exc:
             raise from_pyjwt_error(exc) from exc
         if identity.expires_at is not None:
-            self._cache.put(digest, identity, identity.expires_at)
+            used = (kid, alg, verifier)
+            self._cache.put(canonical or digest, identity, identity.expires_at, used)
+            if canonical is not None:  # this spelling too, for the cache's fast path
+                self._cache.put(digest, identity, identity.expires_at, used)
         return identity
 
     def clear_cache(self) -> None:
         """Forget every verified token (e.g. after rotating a compromised key)."""
         self._cache.clear()
+
+
+def _respelled(compact: Compact, signature: bytes) -> str:
+    """The compact token of ``compact``'s header and payload with ``signature``."""
+    encoded = base64.urlsafe_b64encode(signature).rstrip(b"=")
+    return (compact.signing_input + b"." + encoded).decode("ascii")

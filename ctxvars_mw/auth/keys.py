@@ -14,6 +14,8 @@ Decisions (documented in the README):
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -34,7 +36,10 @@ __all__ = [
     "SUPPORTED_ALGORITHMS",
     "Verifier",
     "check_algorithms",
+    "ecdsa_low_s",
+    "jwk_thumbprint",
     "load_jwks",
+    "load_jwks_entries",
     "load_static_key",
 ]
 
@@ -145,16 +150,41 @@ def load_static_key(key: Any, algorithms: tuple[str, ...]) -> dict[str, Verifier
     return {name: _prepare(name, key) for name in algorithms}
 
 
+#: The members of each key type that RFC 7638 thumbprints cover.
+_THUMBPRINT_MEMBERS = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+}
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """The RFC 7638 SHA-256 thumbprint of a public JWK (base64url), naming the key itself:
+    the same ``kid`` republished with other key material has another thumbprint."""
+    members = _THUMBPRINT_MEMBERS.get(jwk.get("kty"), ())  # type: ignore[arg-type]
+    canonical = {name: jwk.get(name) for name in members}
+    text = json.dumps(canonical, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
 def load_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[tuple[str, str], Verifier]:
     """The usable signing keys of a JWKS document, keyed by ``(kid, alg)``.
 
     Keys without a ``kid``, not for signing, of an unknown type, private, weak or not
     matching an allowed algorithm are skipped. Raises ValueError for a malformed document.
     """
+    return {key: entry[1] for key, entry in load_jwks_entries(document, algorithms).items()}
+
+
+def load_jwks_entries(
+    document: Any, algorithms: tuple[str, ...]
+) -> dict[tuple[str, str], tuple[str, Verifier]]:
+    """As :func:`load_jwks`, each verifier with its key's RFC 7638 thumbprint."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("a JWKS must be a JSON object with a 'keys' list")
     allowed = frozenset(algorithms)
-    keys: dict[tuple[str, str], Verifier] = {}
+    keys: dict[tuple[str, str], tuple[str, Verifier]] = {}
     for jwk in document["keys"][:MAX_JWKS_KEYS]:
         if not isinstance(jwk, dict):
             continue
@@ -167,7 +197,43 @@ def load_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[tuple[str, str
             candidates = candidates & {declared}
         for name in sorted(candidates & allowed):
             try:
-                keys[kid, name] = _prepare(name, jwk)
+                keys[kid, name] = (jwk_thumbprint(jwk), _prepare(name, jwk))
             except ConfigurationError:
                 logger.debug("skipped a JWKS key unusable for %s", name)
     return keys
+
+
+#: The group order n of each ES* algorithm's curve (SEC 2; RFC 7518 §3.4 and RFC 8812).
+_CURVE_ORDERS = {
+    "ES256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "ES256K": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "ES384": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF"
+        "C7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "ES512": int(
+        "01" + "F" * 64 + "FA51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409", 16
+    ),
+}
+
+
+def ecdsa_low_s(alg: str, signature: bytes) -> bytes | None:
+    """For an ES* signature (raw ``r || s``, RFC 7518 §3.4) whose ``s`` is above n/2, its
+    low-S twin ``r || n - s``; None when ``alg`` is not ES*, the signature is low-S already
+    or not of the curve's length.
+
+    ECDSA accepts both (r, s) and (r, n - s): without this a token has two valid spellings,
+    and whatever is keyed on the token's bytes sees two tokens. Signers need not pick the
+    low one (OpenSSL, hence most providers, picks either about equally often).
+    """
+    order = _CURVE_ORDERS.get(alg)
+    if order is None:
+        return None
+    size = (order.bit_length() + 7) // 8
+    if len(signature) != 2 * size:
+        return None
+    s = int.from_bytes(signature[size:], "big")
+    if s <= order >> 1 or s >= order:
+        return None
+    return signature[:size] + (order - s).to_bytes(size, "big")

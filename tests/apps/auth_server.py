@@ -1,8 +1,9 @@
 """A stand-in authorization server for the auth tests, run by uvicorn in a subprocess.
 
-Serves a JWKS (``GET /jwks``) and an RFC 7662 introspection endpoint (``POST /introspect``,
-HTTP Basic client authentication). Tests steer it through ``/control/*``: the key set, the
-registered tokens, failure modes; and read how often each endpoint was hit.
+Serves a JWKS (``GET /jwks``), an RFC 7662 introspection endpoint (``POST /introspect``,
+HTTP Basic client authentication) and metadata documents (OpenID Connect Discovery and RFC
+8414, 404 until set). Tests steer it through ``/control/*``: the key set, the registered
+tokens, failure modes, the metadata; and read how often each endpoint was hit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,12 @@ _state: dict[str, Any] = {}
 
 def _reset() -> None:
     _state.update(
-        jwks={"keys": []}, jwks_mode="ok", tokens={}, hits={"jwks": 0, "introspect": 0}, delay=0.0
+        jwks={"keys": []},
+        jwks_mode="ok",
+        tokens={},
+        hits={"jwks": 0, "introspect": 0, "oidc": 0, "rfc8414": 0},
+        delay=0.0,
+        metadata={"oidc": None, "rfc8414": None},
     )
 
 
@@ -66,7 +72,23 @@ async def introspect(request: Request) -> Response:
         answer = None
     if answer == "not-json":
         return Response(b"oops", media_type="text/plain")
+    if isinstance(answer, list):  # [status, body]: an HTTP answer as it is
+        status, body = answer
+        if isinstance(body, str):
+            return Response(body.encode(), status_code=status, media_type="text/html")
+        return JSONResponse(body, status_code=status)
     return JSONResponse(answer if isinstance(answer, dict) else {"active": False})
+
+
+def _metadata(which: str) -> Any:
+    async def endpoint(request: Request) -> Response:
+        _state["hits"][which] += 1
+        document = _state["metadata"][which]
+        if document is None:
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        return JSONResponse(document)
+
+    return endpoint
 
 
 async def control(request: Request) -> Response:
@@ -84,6 +106,8 @@ async def control(request: Request) -> Response:
         _state["delay"] = float(body["seconds"])
     elif what == "tokens":
         _state["tokens"].update(body)
+    elif what == "metadata":
+        _state["metadata"].update(body)
     return JSONResponse({"ok": True})
 
 
@@ -91,6 +115,9 @@ app = Starlette(
     routes=[
         Route("/jwks", jwks),
         Route("/introspect", introspect, methods=["POST"]),
+        Route("/.well-known/openid-configuration", _metadata("oidc")),
+        Route("/.well-known/oauth-authorization-server/{rest:path}", _metadata("rfc8414")),
+        Route("/.well-known/oauth-authorization-server", _metadata("rfc8414")),
         Route("/control/{what}", control, methods=["GET", "POST"]),
     ]
 )
