@@ -11,13 +11,15 @@
     await bus.publish(user_id, {"kind": "token", "text": "hi"})
 
 Every delivered message is ``{"type": "event", "user_id", "event", "request_id",
-"correlation_id"}`` (plus ``"thread_id"`` for thread events), with the publisher's ids.
+"correlation_id", "id"}`` (plus ``"thread_id"`` for thread events), with the publisher's ids
+and the event's own id; ``bus.connect(websocket, last_event_id=...)`` replays what a
+reconnecting client missed.
 ``redis`` is imported only when a :class:`RedisBackend` is constructed.
 """
 
 from __future__ import annotations
 
-from .bus import EventBus
+from .bus import EventBus, PublishResult
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, MalformedMessageError
 from .connection import JSONSender, Subscription
 from .local import EventBackend, LocalBackend
@@ -30,6 +32,7 @@ __all__ = [
     "JSONSender",
     "LocalBackend",
     "MalformedMessageError",
+    "PublishResult",
     "RedisBackend",
     "Subscription",
 ]

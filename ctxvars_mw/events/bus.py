@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -11,11 +12,22 @@ from ..context import ANONYMOUS_USER_ID
 from ..current import get_context, get_context_or_none
 from ..errors import AuthenticationRequiredError, ConfigurationError
 from ..ids import is_valid_id
-from .codec import DEFAULT_MAX_MESSAGE_BYTES, encode
+from .codec import DEFAULT_MAX_MESSAGE_BYTES, check_idempotency_key, encode, parse_event_id
 from .connection import JSONSender, Subscription
 from .local import EventBackend, LocalBackend
 
-__all__ = ["EventBus"]
+__all__ = ["EventBus", "PublishResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What :meth:`EventBus.publish` did: the event's ``id``, and ``connections`` — how many
+    connections of this process it was queued on (:class:`LocalBackend`), or None when the
+    backend delivers it in every process (:class:`RedisBackend`: it is stored, and each
+    process's reader delivers it)."""
+
+    id: str
+    connections: int | None
 
 
 class EventBus:
@@ -95,19 +107,33 @@ class EventBus:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connect(self, websocket: JSONSender, *, thread_id: str | None = None) -> _Connect:
+    def connect(
+        self,
+        websocket: JSONSender,
+        *,
+        thread_id: str | None = None,
+        last_event_id: str | None = None,
+    ) -> _Connect:
         """Register ``websocket`` under the current context's user for an ``async with`` block.
 
         With ``thread_id``, the socket receives the user's events published to that thread
         and those published to the user as a whole; without, it receives every event of the
         user. The current context must be authenticated (``AuthenticationRequiredError``
         otherwise): anonymous users share one id and must never share events.
+
+        With ``last_event_id`` (the ``"id"`` of the last event the client received), the
+        user's events published after it that are still in the backend's history are sent
+        first, then live ones, each once and in order; the yielded
+        :class:`Subscription`'s ``recovered`` tells whether none were missed. A malformed id is
+        a ``ValueError``. Replay only ever reads the connecting user's own events.
         """
         if not callable(getattr(websocket, "send_json", None)):
             raise TypeError("connect() needs an object with an async send_json(obj) method")
         if thread_id is not None and not _valid_id(thread_id):
             raise ValueError("thread_id must be a valid id")
-        return _Connect(self, websocket, thread_id)
+        if last_event_id is not None:
+            parse_event_id(last_event_id)
+        return _Connect(self, websocket, thread_id, last_event_id)
 
     @property
     def connection_count(self) -> int:
@@ -153,33 +179,53 @@ class EventBus:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def publish(self, user_id: str, event: Mapping[str, Any]) -> None:
+    async def publish(
+        self, user_id: str, event: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> PublishResult:
         """Deliver ``event`` (a JSON-serializable mapping) to every connection of ``user_id``.
 
         The message carries the publisher's ``request_id`` and ``correlation_id`` (None
-        outside a request). ``TypeError``/``ValueError`` for a bad user id or event, or an
-        event over ``max_message_bytes``; ``ServiceUnavailableError`` when the backend (Redis)
-        is unreachable.
+        outside a request) and the event's ``id``. Returns a :class:`PublishResult` once the
+        event is stored; raises ``ServiceUnavailableError`` when the backend (Redis) is
+        unreachable. A retry after that error may find the first attempt stored after all:
+        pass the same ``idempotency_key`` (``[A-Za-z0-9._:-]{1,128}``) to both and the event is
+        stored once (the retry returns the first id). ``TypeError``/``ValueError`` for a bad
+        user id, key or event, or an event over ``max_message_bytes``.
         """
-        await self._publish(user_id, None, event)
+        return await self._publish(user_id, None, event, idempotency_key)
 
     async def publish_to_thread(
-        self, user_id: str, thread_id: str, event: Mapping[str, Any]
-    ) -> None:
+        self,
+        user_id: str,
+        thread_id: str,
+        event: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> PublishResult:
         """Deliver ``event`` to ``user_id``'s connections for ``thread_id`` (and the user's
         connections registered without a thread); never to the user's other threads."""
         if not _valid_id(thread_id):
             raise ValueError("thread_id must be a valid id")
-        await self._publish(user_id, thread_id, event)
+        return await self._publish(user_id, thread_id, event, idempotency_key)
 
-    async def publish_to_current_user(self, event: Mapping[str, Any]) -> None:
+    async def publish_to_current_user(
+        self, event: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> PublishResult:
         """:meth:`publish` to the current context's user (which must be authenticated)."""
         ctx = get_context()
         if not ctx.is_authenticated:
             raise AuthenticationRequiredError("events need an authenticated user")
-        await self._publish(ctx.user_id, None, event)
+        return await self._publish(ctx.user_id, None, event, idempotency_key)
 
-    async def _publish(self, user_id: str, thread_id: str | None, event: Mapping[str, Any]) -> None:
+    async def _publish(
+        self,
+        user_id: str,
+        thread_id: str | None,
+        event: Mapping[str, Any],
+        idempotency_key: str | None,
+    ) -> PublishResult:
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
         if not isinstance(user_id, str):
             raise TypeError("user_id must be a string")
         if not _valid_id(user_id):
@@ -193,30 +239,42 @@ class EventBus:
             data = encode(
                 user_id, thread_id, event, ctx.request_id, ctx.correlation_id, self._max_bytes
             )
-        await self.backend.publish(user_id, data)
+        event_id, connections = await self.backend.publish(user_id, data, idempotency_key)
+        return PublishResult(event_id, connections)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        """Queue a validated envelope on its user's connections (called by the backend)."""
+    def _dispatch(self, message: dict[str, Any]) -> int:
+        """Queue a validated message on its user's connections (called by the backend);
+        return how many connections it was meant for."""
         subs = self._by_user.get(message["user_id"])
         if not subs:
-            return
+            return 0
         thread_id = message.get("thread_id")
+        number = parse_event_id(message["id"])
+        reached = 0
         for sub in subs:
-            if (
-                thread_id is None or sub.thread_id is None or sub.thread_id == thread_id
-            ) and sub.enqueue(message):
-                self._dropped += 1
+            if thread_id is None or sub.thread_id is None or sub.thread_id == thread_id:
+                reached += 1
+                if sub.enqueue(message, number):
+                    self._dropped += 1
+        return reached
 
 
 class _Connect:
     """The ``async with bus.connect(ws)`` block: registers on entry, unregisters on exit."""
 
-    __slots__ = ("_bus", "_sub", "_thread_id", "_websocket")
+    __slots__ = ("_bus", "_last_event_id", "_sub", "_thread_id", "_websocket")
 
-    def __init__(self, bus: EventBus, websocket: JSONSender, thread_id: str | None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        websocket: JSONSender,
+        thread_id: str | None,
+        last_event_id: str | None,
+    ) -> None:
         self._bus = bus
         self._websocket = websocket
         self._thread_id = thread_id
+        self._last_event_id = last_event_id
         self._sub: Subscription | None = None
 
     async def __aenter__(self) -> Subscription:
@@ -234,14 +292,33 @@ class _Connect:
             bus._send_timeout,
             bus._forget,
         )
+        last = self._last_event_id
+        if last is not None:
+            sub.hold(parse_event_id(last))
         bus._register(sub)
         self._sub = sub
         try:
             await bus.backend.subscribe(sub.user_id)
+            if last is not None:
+                await self._replay(sub, last)
         except BaseException:
             await self._close()
             raise
         return sub
+
+    async def _replay(self, sub: Subscription, last: str) -> None:
+        """Queue the user's events after ``last`` (own events only), then the held live ones."""
+        bus = self._bus
+        messages, complete = await bus.backend.history(sub.user_id, last, bus._queue_size)
+        thread = sub.thread_id
+        replayed = [
+            (message, parse_event_id(message["id"]))
+            for message in messages
+            if message["user_id"] == sub.user_id
+            and (thread is None or message.get("thread_id") in (None, thread))
+        ]
+        sub.recovered = complete
+        bus._dropped += sub.release(replayed)
 
     async def __aexit__(
         self,
