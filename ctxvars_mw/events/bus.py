@@ -14,6 +14,7 @@ from ..errors import AuthenticationRequiredError, ConfigurationError
 from ..ids import is_valid_id
 from .codec import DEFAULT_MAX_MESSAGE_BYTES, check_idempotency_key, encode, parse_event_id
 from .connection import JSONSender, Subscription
+from .guard import SessionGuard
 from .local import EventBackend, LocalBackend
 
 __all__ = ["EventBus", "PublishResult"]
@@ -40,6 +41,11 @@ class EventBus:
     ``queue_size`` bounds each connection's queue (the oldest event is dropped when full);
     ``max_message_bytes`` bounds an encoded event; ``send_timeout`` (seconds, or None)
     unregisters a socket whose ``send_json`` takes longer.
+
+    Registered sockets are closed when their credentials end (see :mod:`ctxvars_mw.events.guard`):
+    4003 when the token's ``exp`` passes, and — with ``session_store`` (the middleware's) —
+    4001 when the session is revoked in any process and 4002 when it expires; a session is
+    asked about again at least every ``session_recheck_interval`` seconds.
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class EventBus:
         queue_size: int = 256,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         send_timeout: float | None = 10.0,
+        session_store: Any = None,
+        session_recheck_interval: float = 60.0,
     ) -> None:
         if backend is not None and not callable(getattr(backend, "publish", None)):
             raise ConfigurationError("backend must be an event backend (LocalBackend, ...)")
@@ -56,14 +64,16 @@ class EventBus:
             raise ConfigurationError("queue_size must be a positive int")
         if not _positive_int(max_message_bytes) or max_message_bytes < 256:
             raise ConfigurationError("max_message_bytes must be an int >= 256")
-        if send_timeout is not None and not (
-            isinstance(send_timeout, (int, float))
-            and not isinstance(send_timeout, bool)
-            and math.isfinite(send_timeout)
-            and send_timeout > 0
-        ):
+        if send_timeout is not None and not _positive_seconds(send_timeout):
             raise ConfigurationError("send_timeout must be a positive number of seconds or None")
+        if session_store is not None and not callable(getattr(session_store, "get", None)):
+            raise ConfigurationError("session_store must be a SessionStore")
+        if not _positive_seconds(session_recheck_interval):
+            raise ConfigurationError("session_recheck_interval must be a positive number")
         self.backend: EventBackend = backend if backend is not None else LocalBackend()
+        self._guard = SessionGuard(
+            session_store, float(session_recheck_interval), self._subscriptions
+        )
         self._queue_size = queue_size
         self._max_bytes = max_message_bytes
         self._send_timeout = send_timeout
@@ -79,6 +89,11 @@ class EventBus:
         if self._started:
             raise RuntimeError("the EventBus is already started")
         await self.backend.start(self._dispatch, self._max_bytes)
+        try:
+            await self._guard.start()
+        except BaseException:
+            await self.backend.stop()
+            raise
         self._started = True
 
     async def stop(self) -> None:
@@ -86,7 +101,8 @@ class EventBus:
         if not self._started:
             return
         self._started = False
-        subscriptions = [sub for subs in self._by_user.values() for sub in subs]
+        await self._guard.stop()
+        subscriptions = self._subscriptions()
         for sub in subscriptions:
             self._forget(sub)
         for sub in subscriptions:
@@ -163,10 +179,14 @@ class EventBus:
         subs[sub] = None
         self._count += 1
 
+    def _subscriptions(self) -> list[Subscription]:
+        return [sub for subs in self._by_user.values() for sub in subs]
+
     def _forget(self, sub: Subscription) -> None:
         if not sub.active:
             return
         sub.active = False
+        self._guard.release(sub)
         subs = self._by_user.get(sub.user_id)
         if subs is None or sub not in subs:
             return
@@ -295,11 +315,14 @@ class _Connect:
         last = self._last_event_id
         if last is not None:
             sub.hold(parse_event_id(last))
+        sub.session_id = ctx.session_id
+        sub.expires_at = _expiry(ctx.claims.get("exp"))
         bus._register(sub)
         self._sub = sub
         try:
             await bus.backend.subscribe(sub.user_id)
-            if last is not None:
+            await bus._guard.admit(sub)
+            if last is not None and sub.active:
                 await self._replay(sub, last)
         except BaseException:
             await self._close()
@@ -334,6 +357,22 @@ class _Connect:
             self._sub = None
             self._bus._forget(sub)
             await sub.close()
+
+
+def _expiry(exp: object) -> float | None:
+    """A token's ``exp`` claim as a Unix time, or None when it has none usable."""
+    if isinstance(exp, (int, float)) and not isinstance(exp, bool) and math.isfinite(exp):
+        return float(exp)
+    return None
+
+
+def _positive_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _positive_int(value: object) -> bool:
