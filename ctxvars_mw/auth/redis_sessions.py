@@ -247,17 +247,17 @@ class RedisSessionStore:
     ) -> None:
         """Call ``callback`` with every revocation any process makes, until cancelled.
 
-        Listens on :attr:`revocation_channel`. After a lost connection (one warning per
-        outage; reconnection with capped exponential backoff) it calls ``callback(None)``
-        once it listens again: notices sent meanwhile are gone, so the caller re-checks its
-        sessions. An idle connection is checked with a PING every ``keepalive`` seconds.
+        Listens on :attr:`revocation_channel`. It calls ``callback(None)`` each time it starts
+        listening — first, and again after a lost connection (one warning per outage;
+        reconnection with capped exponential backoff) — since notices sent before that are
+        not heard: the caller re-checks its sessions. An idle connection is checked with a
+        PING every ``keepalive`` seconds.
         """
         delay, outage = _BACKOFF[0], False
 
         def listening() -> None:
             nonlocal delay, outage
-            if outage:
-                callback(None)  # notices sent while disconnected are lost: check again
+            callback(None)  # notices sent before now (or while disconnected) are not heard
             delay, outage = _BACKOFF[0], False
 
         while True:
@@ -285,7 +285,7 @@ class RedisSessionStore:
         listening: Callable[[], None],
     ) -> None:
         await pubsub.subscribe(self.revocation_channel)
-        pinged = confirmed = False
+        pinged = False
         while True:
             message = await pubsub.get_message(timeout=keepalive)
             if message is None:
@@ -296,10 +296,7 @@ class RedisSessionStore:
                 continue
             pinged = False
             if message["type"] == "subscribe":
-                if confirmed:  # redis-py reconnected and resubscribed by itself: notices
-                    callback(None)  # sent in between are lost, so check again
-                confirmed = True
-                listening()
+                listening()  # also when redis-py reconnected and resubscribed by itself
             elif message["type"] == "message":
                 revocation = _revocation(message["data"])
                 if revocation is not None:

@@ -8,8 +8,9 @@ that opened them (an :class:`~ctxvars_mw.events.EventBus` with ``session_store=`
 revoked sessions' websockets): ``await store.watch_revocations(callback)`` runs until cancelled
 and calls ``callback`` with a :class:`Revocation` for every ``revoke``/``revoke_user`` — in
 every process, for :class:`~ctxvars_mw.auth.redis_sessions.RedisSessionStore` — and with None
-when some may have been missed (after a lost connection), so that the caller checks its
-sessions again. Revocations name sessions by :func:`session_digest`, never by their id.
+when it starts listening and whenever some may have been missed (after a lost connection),
+so that the caller checks its sessions again. Revocations name sessions by
+:func:`session_digest`, never by their id.
 """
 
 from __future__ import annotations
@@ -217,8 +218,10 @@ class InMemorySessionStore:
         return len(ids)
 
     async def watch_revocations(self, callback: RevocationCallback) -> None:
-        """Call ``callback`` with each revocation made through this store, until cancelled."""
+        """Call ``callback`` with each revocation made through this store, until cancelled
+        (first with None: revocations made before it started are not reported)."""
         self._watchers.append(callback)
+        callback(None)
         try:
             await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
