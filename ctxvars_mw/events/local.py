@@ -17,8 +17,10 @@ __all__ = ["Deliver", "EventBackend", "LocalBackend", "history_options"]
 #: which returns how many connections of this process it was queued on.
 Deliver = Callable[[dict[str, Any]], int]
 
-#: Replay history defaults: how many events (all users together) and for how long.
+#: Replay history defaults: how many events (all users together) and for how long. The
+#: in-process history is kept smaller (each event held costs a few hundred bytes of memory).
 DEFAULT_HISTORY_MAX_EVENTS = 10_000
+DEFAULT_LOCAL_HISTORY_MAX_EVENTS = 1_000
 DEFAULT_HISTORY_SECONDS = 120.0
 
 
@@ -89,7 +91,7 @@ class LocalBackend:
     def __init__(
         self,
         *,
-        history_max_events: int = DEFAULT_HISTORY_MAX_EVENTS,
+        history_max_events: int = DEFAULT_LOCAL_HISTORY_MAX_EVENTS,
         history_seconds: float = DEFAULT_HISTORY_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
