@@ -4,9 +4,10 @@
 prints ``ready`` once registered, then one JSON line per event received, and exits after an
 event ``{"done": true}``.
 
-``publish URL PREFIX USER COUNT``: publishes ``{"n": i}`` for i in range(COUNT), each with the
-idempotency key ``n-<i>``, retrying a publish that failed with the same key until it succeeds;
-prints ``published <i> <attempts>`` per event, then publishes ``{"done": true}``.
+``publish URL PREFIX USER COUNT OTHER``: publishes ``{"n": i}`` to USER for i in range(COUNT),
+each with the idempotency key ``n-<i>``, retrying a publish that failed with the same key until
+it succeeds, and ``{"other": i}`` to OTHER after each; prints ``published <i> <attempts>`` per
+event, then publishes ``{"done": true}`` to USER.
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ async def _publish_until_stored(bus: EventBus, user: str, event: dict[str, Any],
             await asyncio.sleep(0.02)
 
 
-async def publish(url: str, prefix: str, user: str, count: int) -> None:
+async def publish(url: str, prefix: str, user: str, count: int, other: str) -> None:
     async with EventBus(_backend(url, prefix)) as bus:
         for i in range(count):
             attempts = await _publish_until_stored(bus, user, {"n": i}, f"n-{i}")
+            await _publish_until_stored(bus, other, {"other": i}, f"other-{i}")
             print(f"published {i} {attempts}", flush=True)
             await asyncio.sleep(0.005)
         await _publish_until_stored(bus, user, {"done": True}, "done")
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> None:
     if command == "subscribe":
         asyncio.run(subscribe(url, prefix, user))
     else:
-        asyncio.run(publish(url, prefix, user, int(rest[0])))
+        asyncio.run(publish(url, prefix, user, int(rest[0]), rest[1]))
 
 
 if __name__ == "__main__":
