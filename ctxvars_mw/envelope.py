@@ -244,6 +244,8 @@ class RedisReplayStore:
     ``url_or_client`` is a ``redis://`` URL or a synchronous ``redis.Redis`` client (used as is,
     not closed by :meth:`close`). A Redis failure raises
     :class:`~ctxvars_mw.ServiceUnavailableError`: the envelope is not accepted (fail closed).
+    The claim is a blocking round trip, as :func:`loads` is synchronous: in async code, call
+    ``loads`` through :func:`ctxvars_mw.run_in_thread`.
     """
 
     def __init__(

@@ -159,6 +159,27 @@ async def test_a_session_already_gone_at_connect_closes_at_once(
         assert bus.connection_count == 0
 
 
+async def test_redis_session_idle_expiry_and_other_process_revocation_close_sockets(
+    redis_url: str, key_prefix: str
+) -> None:
+    """With a RedisSessionStore: an idle session's socket closes with 4002; a revoke through a
+    second store (another process) closes the other socket with 4001."""
+    store = RedisSessionStore(redis_url, prefix=key_prefix, idle_timeout=0.5)
+    elsewhere = RedisSessionStore(redis_url, prefix=key_prefix)
+    try:
+        async with EventBus(session_store=store) as bus, AsyncExitStack() as stack:
+            idle, revoked = await store.create(ALICE), await store.create(ALICE)
+            idle_socket = await _open(stack, bus, ALICE, idle.id)
+            revoked_socket = await _open(stack, bus, ALICE, revoked.id)
+            await elsewhere.revoke(revoked.id)
+            assert await _closed(revoked_socket) == CLOSE_REVOKED
+            assert not idle_socket.closed.is_set()
+            assert await _closed(idle_socket) == CLOSE_SESSION_EXPIRED
+    finally:
+        await store.aclose()
+        await elsewhere.aclose()
+
+
 def test_guard_options_are_checked() -> None:
     """A session_store without get() or a bad recheck interval is a ConfigurationError."""
     with pytest.raises(ConfigurationError, match="session_store"):
