@@ -90,7 +90,8 @@ def install_record_factory() -> None:
     record; ours only adds the fields. Calling this twice installs it once. Because logging
     refuses to let ``extra=`` overwrite an existing record attribute, code that passes one of
     :data:`CONTEXT_FIELDS` in ``extra=`` raises ``KeyError`` while the factory is installed;
-    use :class:`ContextLogFilter` instead where that matters.
+    use :class:`ContextLogFilter` instead where that matters. The library's own records (the
+    ``ctxvars_mw.audit`` denials included) never pass these names in ``extra=``.
     """
     global _installed
     with _factory_lock:

@@ -227,35 +227,50 @@ def audit_denial(
     any_: bool,
     held: list[str],
 ) -> None:
-    """Emit the one audit record of a denial: ids and names only, never a credential."""
+    """Emit the one audit record of a denial: ids and names only, never a credential.
+
+    The record is built first and the denied context's ids are set on it afterwards, never
+    passed through ``extra=``: logging refuses an ``extra`` key the record already has, and
+    :func:`ctxvars_mw.logging.install_record_factory` puts exactly those names on every record.
+    """
     level = logging.INFO if status == 401 else logging.WARNING
     if not audit_logger.isEnabledFor(level):
         return
-    extra: dict[str, Any] = {
-        "audit_event": "authorization_denied",
-        "check": kind,
-        "match": "any" if any_ else "all",
-        "status": status,
-        "required": list(required),
-        "held": held,
-    }
-    if ctx is None:
-        extra.update(user_id="-", request_id="-", correlation_id="-", tier="-")
-        extra["operation_depth"] = "-"
-    else:
-        extra.update(
-            user_id=ctx.user_id,
-            request_id=ctx.request_id,
-            correlation_id=ctx.correlation_id,
-            tier=ctx.tier.value,
-            operation_depth=ctx.operation_depth,
-        )
-    audit_logger.log(
+    ids = _audit_ids(ctx)
+    fn, lno, func, _ = audit_logger.findCaller(stacklevel=2)
+    record = audit_logger.makeRecord(
+        audit_logger.name,
         level,
+        fn,
+        lno,
         "authorization denied (%s): %s for user %s; required %s",
-        status,
-        kind,
-        extra["user_id"],
-        extra["required"],
-        extra=extra,
+        (status, kind, ids["user_id"], list(required)),
+        None,
+        func,
     )
+    fields = record.__dict__
+    fields.update(ids)
+    fields.update(
+        audit_event="authorization_denied",
+        check=kind,
+        match="any" if any_ else "all",
+        status=status,
+        required=list(required),
+        held=held,
+    )
+    audit_logger.handle(record)
+
+
+def _audit_ids(ctx: UserExecutionContext | None) -> dict[str, Any]:
+    """The ids of the denied context (dashes when there is none)."""
+    if ctx is None:
+        return dict.fromkeys(
+            ("user_id", "request_id", "correlation_id", "tier", "operation_depth"), "-"
+        )
+    return {
+        "user_id": ctx.user_id,
+        "request_id": ctx.request_id,
+        "correlation_id": ctx.correlation_id,
+        "tier": ctx.tier.value,
+        "operation_depth": ctx.operation_depth,
+    }

@@ -1,4 +1,10 @@
-"""Subscription tiers, ordered ``FREE < EARLY < BUSINESS < ENTERPRISE < INTERNAL``."""
+"""Subscription tiers, ordered ``FREE < EARLY < BUSINESS < ENTERPRISE < INTERNAL``.
+
+A tier is named by its exact lowercase value (``"business"``), everywhere: in token claims, in
+policy files, in decorators and in comparisons. ``"Business"`` or ``"INTERNAL"`` is not a tier:
+a claim's value is what the issuer signed, and reading ``"INTERNAL"`` as the most privileged tier
+would let a spelling the issuer never meant grant it.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ class Tier(enum.StrEnum):
         return _RANK[self]
 
     # A Tier is also a str: without these, ``Tier.BUSINESS < "early"`` would fall back to
-    # alphabetical str ordering. Strings are parsed as tiers; an unknown one is a TypeError.
+    # alphabetical str ordering. A string must be a tier's exact value; any other is a TypeError.
     def __lt__(self, other: object) -> bool:
         return _RANK[self] < _rank_of(other)
 
@@ -37,11 +43,11 @@ class Tier(enum.StrEnum):
 
     @classmethod
     def parse(cls, value: Tier | str) -> Tier:
-        """Return the tier for a Tier or its value (case-insensitive); ValueError otherwise."""
+        """Return the tier for a Tier or its exact value (``"business"``); ValueError otherwise."""
         if isinstance(value, Tier):
             return value
         if isinstance(value, str):
-            tier = _BY_VALUE.get(value.lower())
+            tier = _BY_VALUE.get(value)
             if tier is not None:
                 return tier
         raise ValueError("unknown tier")
@@ -54,8 +60,6 @@ _BY_VALUE = {tier.value: tier for tier in Tier}
 def _rank_of(other: object) -> int:
     if isinstance(other, str):
         rank = _RANK.get(other)  # a Tier, or its exact value
-        if rank is None:
-            rank = _RANK.get(other.lower())
         if rank is not None:
             return rank
     raise TypeError("a Tier compares only with another Tier or a tier name")

@@ -127,7 +127,7 @@ async def test_claims_are_mapped_to_the_identity() -> None:
     """user id, tier, roles, permissions, scopes (string or list), sid and claims are kept."""
     auth = JWTAuthenticator(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
     payload = claims(
-        tier="Enterprise",
+        tier="enterprise",
         roles=["admin", "user"],
         permissions=["reports:export"],
         scope="a:read  b:write",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import pickle
 import uuid
@@ -1004,46 +1003,6 @@ def test_audit_trail_has_the_documented_keys() -> None:
     assert trail["context_age_seconds"] > 0
     assert json.loads(json.dumps(trail)) == trail
     assert make().audit_trail()["has_db_session"] is False
-
-
-# -- Tier ----------------------------------------------------------------------------------
-
-
-def test_tier_order() -> None:
-    """FREE < EARLY < BUSINESS < ENTERPRISE < INTERNAL."""
-    order = [Tier.FREE, Tier.EARLY, Tier.BUSINESS, Tier.ENTERPRISE, Tier.INTERNAL]
-    assert sorted(reversed(order)) == order
-    for low, high in itertools.pairwise(order):
-        assert low < high
-        assert high > low
-        assert low <= high
-        assert high >= low
-        assert not high < low
-    assert max(order) is Tier.INTERNAL
-    assert [t.rank for t in order] == [0, 1, 2, 3, 4]
-
-
-def test_tier_parses_its_value() -> None:
-    """Tier("business") and Tier.parse (case-insensitive) give the member."""
-    assert Tier("business") is Tier.BUSINESS
-    assert Tier.parse("Enterprise") is Tier.ENTERPRISE
-    assert Tier.parse(Tier.EARLY) is Tier.EARLY
-    with pytest.raises(ValueError):
-        Tier("gold")
-    with pytest.raises(ValueError):
-        Tier.parse("gold")
-
-
-def test_tier_compares_with_names_by_rank_not_alphabetically() -> None:
-    """Comparing a Tier with a tier name uses the tier order, in both directions."""
-    assert not Tier.BUSINESS < "early"
-    assert Tier.BUSINESS > "early"
-    assert "early" < Tier.BUSINESS  # noqa: SIM300 - the reflected direction
-    assert Tier.ENTERPRISE >= "ENTERPRISE"
-    with pytest.raises(TypeError):
-        Tier.FREE < "gold"  # noqa: B015
-    with pytest.raises(TypeError):
-        Tier.FREE < 3  # type: ignore[operator]  # noqa: B015
 
 
 def test_name_lists_seen_before_are_still_checked_and_give_equal_sets() -> None:

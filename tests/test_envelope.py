@@ -15,10 +15,17 @@ from ctxvars_mw import (
     ConfigurationError,
     ExpiredTokenError,
     InvalidTokenError,
+    ServiceUnavailableError,
     Tier,
     UserExecutionContext,
 )
-from ctxvars_mw.envelope import ENVELOPE_TYP, dumps, loads
+from ctxvars_mw.envelope import (
+    ENVELOPE_TYP,
+    InMemoryReplayStore,
+    RedisReplayStore,
+    dumps,
+    loads,
+)
 
 SECRET = secrets.token_urlsafe(32)
 OTHER = secrets.token_urlsafe(32)
@@ -176,3 +183,126 @@ def test_dumps_takes_only_a_context() -> None:
     """A dict is not a context."""
     with pytest.raises(TypeError):
         dumps(CTX.to_dict(), SECRET)  # type: ignore[arg-type]
+
+
+# -- one-time envelopes and the leeway ---------------------------------------------------------
+
+
+def test_every_envelope_carries_its_own_random_id() -> None:
+    """Two envelopes of the same context have different, url-safe jti claims."""
+    ids = {jwt.decode(dumps(CTX, SECRET), SECRET, algorithms=["HS256"])["jti"] for _ in range(50)}
+    assert len(ids) == 50
+    assert all(len(jti) >= 16 and jti.replace("-", "").replace("_", "").isalnum() for jti in ids)
+
+
+def test_replay_store_accepts_an_envelope_once() -> None:
+    """With a replay store the second loads of one envelope is refused; another envelope is not."""
+    store = InMemoryReplayStore()
+    token = dumps(CTX, SECRET)
+    assert loads(token, SECRET, replay_store=store) == CTX
+    with pytest.raises(InvalidTokenError, match="already used") as info:
+        loads(token, SECRET, replay_store=store)
+    assert token not in str(info.value)
+    assert loads(dumps(CTX, SECRET), SECRET, replay_store=store) == CTX
+    assert loads(token, SECRET) == CTX  # without a store, envelopes stay reusable
+
+
+def test_refused_envelopes_do_not_use_up_an_id() -> None:
+    """A forged, expired or invalid envelope with a real envelope's jti leaves that jti usable."""
+    store = InMemoryReplayStore()
+    token = dumps(CTX, SECRET)
+    payload = jwt.decode(token, SECRET, algorithms=["HS256"])
+    now = int(time.time())
+    bad_context = {**payload, "ctx": {**payload["ctx"], "user_id": "placeholder"}}
+    for forged in (
+        _forge(payload, OTHER),
+        _forge({**payload, "iat": now - 120, "exp": now - 60}),
+        _forge(bad_context),
+    ):
+        with pytest.raises(InvalidTokenError):
+            loads(forged, SECRET, replay_store=store)
+    assert len(store) == 0
+    assert loads(token, SECRET, replay_store=store) == CTX
+
+
+def test_envelope_without_an_id_is_refused_only_with_a_replay_store() -> None:
+    """An envelope lacking jti (or with a malformed one) cannot be used once, so it is refused."""
+    now = int(time.time())
+    plain = {"ctx": CTX.to_dict(), "iat": now, "exp": now + 60}
+    assert loads(_forge(plain), SECRET) == CTX
+    for jti in (None, "short", "x" * 65, "bad jti with spaces!!"):
+        token = _forge(plain if jti is None else {**plain, "jti": jti})
+        with pytest.raises(InvalidTokenError, match="no valid id"):
+            loads(token, SECRET, replay_store=InMemoryReplayStore())
+    with pytest.raises(InvalidTokenError):  # PyJWT refuses a non-string jti itself
+        loads(_forge({**plain, "jti": 7}), SECRET, replay_store=InMemoryReplayStore())
+
+
+def test_in_memory_store_forgets_ids_once_their_envelope_expired() -> None:
+    """An id is remembered for its ttl and dropped after, so memory does not grow forever."""
+    now = [1000.0]
+    store = InMemoryReplayStore(clock=lambda: now[0])
+    assert store.claim("a" * 22, 10.0)
+    assert not store.claim("a" * 22, 10.0)
+    now[0] += 10.5
+    assert store.claim("b" * 22, 10.0)
+    assert len(store) == 1
+    assert store.claim("a" * 22, 10.0)
+
+
+def test_replay_store_keeps_the_id_for_the_envelopes_remaining_life() -> None:
+    """The ttl handed to the store is exp + leeway - now."""
+    seen: list[float] = []
+
+    class Recording:
+        def claim(self, jti: str, ttl: float) -> bool:
+            seen.append(ttl)
+            return True
+
+    loads(dumps(CTX, SECRET, expires_in=30), SECRET, replay_store=Recording(), leeway=2)
+    assert 30.0 <= seen[0] <= 32.0
+
+
+def test_redis_replay_store_is_shared_between_verifiers(redis_url: str, key_prefix: str) -> None:
+    """Two stores on one Redis (two processes): the second use is refused; the key expires."""
+    import redis
+
+    first = RedisReplayStore(redis_url, prefix=key_prefix)
+    second = RedisReplayStore(redis.Redis.from_url(redis_url), prefix=key_prefix)
+    token = dumps(CTX, SECRET, expires_in=20)
+    jti = jwt.decode(token, SECRET, algorithms=["HS256"])["jti"]
+    try:
+        assert loads(token, SECRET, replay_store=first) == CTX
+        with pytest.raises(InvalidTokenError, match="already used"):
+            loads(token, SECRET, replay_store=second)
+        client = redis.Redis.from_url(redis_url)
+        ttl_ms = client.pttl(key_prefix + jti)
+        client.delete(key_prefix + jti)
+        client.close()
+        assert 19_000 <= ttl_ms <= 25_000
+    finally:
+        first.close()
+        second.close()
+
+
+def test_redis_replay_store_fails_closed_when_redis_is_down() -> None:
+    """An unreachable Redis refuses the envelope with ServiceUnavailableError (503)."""
+    store = RedisReplayStore("redis://127.0.0.1:1/0", timeout=0.5)
+    with pytest.raises(ServiceUnavailableError):
+        loads(dumps(CTX, SECRET), SECRET, replay_store=store)
+    store.close()
+
+
+def test_leeway_is_configurable() -> None:
+    """An envelope 3 s past exp passes the default 5 s leeway, fails with leeway=0."""
+    now = int(time.time())
+    token = _forge({"ctx": CTX.to_dict(), "iat": now - 63, "exp": now - 3})
+    assert loads(token, SECRET) == CTX
+    assert loads(token, SECRET, leeway=timedelta(seconds=10)) == CTX
+    with pytest.raises(ExpiredTokenError):
+        loads(token, SECRET, leeway=0)
+    for bad in (-1, float("nan"), "5", True):
+        with pytest.raises(ConfigurationError, match="leeway"):
+            loads(token, SECRET, leeway=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="replay_store"):
+        loads(token, SECRET, replay_store=object())  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from ctxvars_mw import (
     use_context,
 )
 from ctxvars_mw.events import EventBus, LocalBackend, MalformedMessageError
-from ctxvars_mw.events.codec import decode, encode
+from ctxvars_mw.events.codec import decode, encode, parse_event_id
 
 
 class RecordingSocket:
@@ -140,7 +141,7 @@ async def test_message_carries_publisher_ids_and_sends_in_connection_context(
             assert sub.user_id == receiver.user_id
             with use_context(publisher):
                 await asyncio.sleep(0)
-                await bus.publish(receiver.user_id, {"kind": "token", "text": "hi"})
+                published = await bus.publish(receiver.user_id, {"kind": "token", "text": "hi"})
             [message] = await socket.wait_for(1)
     assert message == {
         "type": "event",
@@ -148,7 +149,9 @@ async def test_message_carries_publisher_ids_and_sends_in_connection_context(
         "event": {"kind": "token", "text": "hi"},
         "request_id": publisher.request_id,
         "correlation_id": "corr-abcdef0123456789",
+        "id": published.id,
     }
+    assert published.connections == 1
     assert socket.sent_in == [receiver.request_id]
 
 
@@ -435,3 +438,132 @@ def test_importing_events_does_not_import_redis() -> None:
 
     code = "import sys, ctxvars_mw.events; assert 'redis' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+async def test_events_have_increasing_ids_and_publish_counts_connections(bus: EventBus) -> None:
+    """Each message carries its event id (increasing); publish returns it and how many
+    connections of this process it was queued on."""
+    alice, bob = "user_2hNqYf3kT9xWzL", "user_8pQrSt5uV7wXyZ"
+    sockets = [RecordingSocket() for _ in range(3)]
+    async with AsyncExitStack() as stack:
+        for socket in sockets[:2]:
+            with use_context(user_ctx(alice)):
+                await stack.enter_async_context(bus.connect(socket))
+        with use_context(user_ctx(bob)):
+            await stack.enter_async_context(bus.connect(sockets[2]))
+        results = [await bus.publish(alice, {"n": n}) for n in range(3)]
+        nobody = await bus.publish("user_0000000000000000000000", {"n": 9})
+        await sockets[0].wait_for(3)
+    assert [r.connections for r in results] == [2, 2, 2]
+    assert nobody.connections == 0
+    assert [m["id"] for m in sockets[0].messages] == [r.id for r in results]
+    numbers = [parse_event_id(r.id) for r in results]
+    assert numbers == sorted(set(numbers))
+    assert sockets[2].messages == []
+
+
+async def _replayed(bus: EventBus, user: str, last: str | None, **kw: Any) -> Any:
+    socket = RecordingSocket()
+    with use_context(user_ctx(user)):
+        async with bus.connect(socket, last_event_id=last, **kw) as sub:
+            await settle()
+    return sub, socket.messages
+
+
+async def test_reconnect_with_last_event_id_gets_only_its_own_missed_events(
+    bus: EventBus,
+) -> None:
+    """Replay after the client's last id: alice's missed events, in order, once; never bob's,
+    nor another thread's; recovered=True."""
+    alice, bob = "user_2hNqYf3kT9xWzL", "user_8pQrSt5uV7wXyZ"
+    seen = await bus.publish(alice, {"n": 0})
+    await bus.publish(alice, {"n": 1})
+    await bus.publish(bob, {"bob": "secret"})
+    await bus.publish_to_thread(alice, "thread-aaaaaaaaaaaa", {"n": 2})
+    await bus.publish_to_thread(alice, "thread-bbbbbbbbbbbb", {"other": "thread"})
+    sub, messages = await _replayed(bus, alice, seen.id)
+    assert sub.recovered is True
+    assert [m["event"] for m in messages] == [{"n": 1}, {"n": 2}, {"other": "thread"}]
+    sub, messages = await _replayed(bus, alice, seen.id, thread_id="thread-aaaaaaaaaaaa")
+    assert [m["event"] for m in messages] == [{"n": 1}, {"n": 2}]
+    sub, messages = await _replayed(bus, bob, seen.id)
+    assert [m["event"] for m in messages] == [{"bob": "secret"}]
+    fresh, nothing = await _replayed(bus, alice, None)
+    assert (fresh.recovered, nothing) == (False, [])
+
+
+async def test_live_events_during_replay_are_sent_after_it_once() -> None:
+    """Events published while the missed ones are fetched follow them, in id order, once."""
+
+    class SlowHistory(LocalBackend):
+        async def history(self, user_id: str, after: str, limit: int) -> Any:
+            found = await super().history(user_id, after, limit)
+            await bus.publish(user_id, {"n": "live"})  # arrives while the replay is built
+            return found
+
+    user = "user_2hNqYf3kT9xWzL"
+    async with EventBus(SlowHistory()) as bus:
+        seen = await bus.publish(user, {"n": 0})
+        await bus.publish(user, {"n": 1})
+        sub, messages = await _replayed(bus, user, seen.id)
+    assert [m["event"] for m in messages] == [{"n": 1}, {"n": "live"}]
+    assert sub.recovered is True
+
+
+async def test_replay_beyond_the_window_is_marked_incomplete() -> None:
+    """Events that fell out of the history (count or age) are gone; recovered=False says so."""
+    now = [1_000_000.0]
+    user = "user_2hNqYf3kT9xWzL"
+    backend = LocalBackend(history_max_events=3, history_seconds=60, clock=lambda: now[0])
+    async with EventBus(backend) as bus:
+        ids = [(await bus.publish(user, {"n": n})).id for n in range(6)]
+        sub, messages = await _replayed(bus, user, ids[0])
+        assert (sub.recovered, [m["event"]["n"] for m in messages]) == (False, [3, 4, 5])
+        sub, messages = await _replayed(bus, user, ids[3])
+        assert (sub.recovered, [m["event"]["n"] for m in messages]) == (True, [4, 5])
+        now[0] += 61
+        sub, messages = await _replayed(bus, user, ids[4])
+        assert (sub.recovered, messages) == (False, [])
+
+
+async def test_replay_of_more_than_the_queue_holds_keeps_the_newest() -> None:
+    """A replay never exceeds queue_size; the oldest missed events are the ones left out."""
+    user = "user_2hNqYf3kT9xWzL"
+    async with EventBus(queue_size=4) as bus:
+        first = await bus.publish(user, {"n": -1})
+        for n in range(10):
+            await bus.publish(user, {"n": n})
+        sub, messages = await _replayed(bus, user, first.id)
+    assert [m["event"]["n"] for m in messages] == [6, 7, 8, 9]
+    assert sub.recovered is False
+
+
+async def test_same_idempotency_key_publishes_once_per_user(bus: EventBus) -> None:
+    """A second publish with the key returns the first id and sends nothing; keys are per user."""
+    user, other = "user_2hNqYf3kT9xWzL", "user_8pQrSt5uV7wXyZ"
+    socket = RecordingSocket()
+    with use_context(user_ctx(user)):
+        async with bus.connect(socket):
+            first = await bus.publish(user, {"n": 1}, idempotency_key="job-7:done")
+            again = await bus.publish(user, {"n": 1}, idempotency_key="job-7:done")
+            elsewhere = await bus.publish(other, {"n": 1}, idempotency_key="job-7:done")
+            await socket.wait_for(1)
+            await settle()
+    assert first.id == again.id != elsewhere.id
+    assert (first.connections, again.connections) == (1, 0)
+    assert len(socket.messages) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "12", "1-2-3", "abc-1", "1-x", " 1-0", "1" * 20 + "-0"])
+async def test_malformed_last_event_id_is_a_value_error(bus: EventBus, bad: str) -> None:
+    """connect() refuses a malformed last_event_id without quoting it."""
+    with use_context(user_ctx("user_2hNqYf3kT9xWzL")), pytest.raises(ValueError) as info:
+        bus.connect(RecordingSocket(), last_event_id=bad)
+    assert str(info.value).startswith("not an event id")
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "new\nline", 7])
+async def test_bad_idempotency_key_is_a_value_error(bus: EventBus, bad: Any) -> None:
+    """publish() refuses an idempotency key outside [A-Za-z0-9._:-]{1,128}."""
+    with pytest.raises(ValueError, match="idempotency_key"):
+        await bus.publish("user_2hNqYf3kT9xWzL", {"n": 1}, idempotency_key=bad)

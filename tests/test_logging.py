@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -222,3 +223,164 @@ def test_uvicorn_and_third_party_records_carry_ids_and_never_tokens(tmp_path: Pa
     )
     for secret in (token, "tok-forged-by-attacker", "evil value!"):
         assert secret not in text
+
+
+# -- denials under the documented logging set-up (record factory and filter) -----------------
+
+
+class _Collect(logging.Handler):
+    """Keeps every record it handles, formatted, after the handler's filters ran."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter(FORMAT))
+        self.addFilter(ContextLogFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def full_logging(restore_factory: None) -> Iterator[_Collect]:
+    """The record factory and the log filter installed, everything at DEBUG on the root."""
+    root = logging.getLogger()
+    handler = _Collect()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    install_record_factory()
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _audits(handler: _Collect) -> list[logging.LogRecord]:
+    return [r for r in handler.records if r.name == "ctxvars_mw.audit"]
+
+
+def test_decorator_denials_are_audited_under_the_record_factory(full_logging: _Collect) -> None:
+    """requires_* decorators raise 401/403 (not KeyError) and the audit record names the user."""
+    from ctxvars_mw import (
+        AuthenticationRequiredError,
+        PermissionDeniedError,
+        requires_permission,
+        requires_role,
+        requires_tier,
+    )
+
+    @requires_tier(Tier.ENTERPRISE)
+    def enterprise_only() -> str:
+        return "ok"
+
+    @requires_role("admin")
+    @requires_permission("billing:manage")
+    async def admin_only() -> str:
+        return "ok"
+
+    with use_context(CTX), pytest.raises(PermissionDeniedError):
+        enterprise_only()
+    with use_context(UserExecutionContext.anonymous()), pytest.raises(AuthenticationRequiredError):
+        enterprise_only()
+    with use_context(CTX), pytest.raises(PermissionDeniedError):
+        asyncio.run(admin_only())
+    denied, anonymous, stacked = _audits(full_logging)
+    assert (denied.user_id, denied.request_id, denied.status, denied.check) == (
+        CTX.user_id,
+        CTX.request_id,
+        403,
+        "tier",
+    )
+    assert (anonymous.user_id, anonymous.status, anonymous.levelno) == ("anonymous", 401, 20)
+    assert (stacked.check, stacked.required) == ("role", ["admin"])
+    assert (
+        f"|{CTX.request_id}|{CTX.correlation_id}|{CTX.user_id}|business|" in (full_logging.lines[0])
+    )
+
+
+def test_authorize_audits_the_checked_context_not_the_current_one(full_logging: _Collect) -> None:
+    """authorize(ctx=other) under the factory: 403, and the record carries other's ids."""
+    from ctxvars_mw import AuthenticationRequiredError, PermissionDeniedError, authorize
+
+    other = UserExecutionContext(user_id="google-oauth2|109876543210987654321")
+    with use_context(CTX), pytest.raises(PermissionDeniedError):
+        authorize("delete", owner_id="someone-else-123456789", ctx=other)
+    with pytest.raises(AuthenticationRequiredError):
+        authorize("read", owner_id=CTX.user_id)
+    denied, anonymous = _audits(full_logging)
+    assert (denied.user_id, denied.request_id, denied.check) == (
+        other.user_id,
+        other.request_id,
+        "ownership:delete",
+    )
+    assert (anonymous.user_id, anonymous.request_id, anonymous.status) == ("-", "-", 401)
+
+
+async def test_fastapi_dependency_denials_stay_401_and_403(full_logging: _Collect) -> None:
+    """FastAPI require_* dependencies answer 401/403 with the factory and filter installed."""
+    from fastapi import FastAPI
+
+    from ctxvars_mw.integrations.fastapi import require_tier, setup
+    from tests.integrations.helpers import TokenTableAuthenticator
+
+    app = FastAPI()
+    setup(app, authenticator=TokenTableAuthenticator())
+
+    @app.get("/enterprise", dependencies=[require_tier("enterprise")])
+    async def enterprise() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        lower = await client.get("/enterprise", headers=bearer("tok-alice-business-user"))
+        anonymous = await client.get("/enterprise")
+    assert (lower.status_code, anonymous.status_code) == (403, 401)
+    assert [(r.status, r.user_id) for r in _audits(full_logging)] == [
+        (403, ALICE),
+        (401, "anonymous"),
+    ]
+
+
+async def test_middleware_refusals_stay_401_and_403_in_a_starlette_app(
+    full_logging: _Collect,
+) -> None:
+    """ContextMiddleware's own 401s and a 403 raised in a Starlette endpoint are not 500s."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from ctxvars_mw import ContextMiddleware, requires_permission
+    from ctxvars_mw.integrations.starlette import install_exception_handlers
+    from tests.integrations.helpers import TokenTableAuthenticator
+
+    @requires_permission("users:manage")
+    async def manage(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    inner = Starlette(routes=[Route("/manage", manage)])
+    install_exception_handlers(inner)
+    app = ContextMiddleware(
+        inner,
+        authenticator=TokenTableAuthenticator(),
+        require_authentication=True,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        missing = await client.get("/manage")
+        invalid = await client.get("/manage", headers=bearer("tok-unknown"))
+        lacking = await client.get("/manage", headers=bearer("tok-alice-business-user"))
+    assert (missing.status_code, invalid.status_code, lacking.status_code) == (401, 401, 403)
+    assert lacking.json()["required"] == ["users:manage"]
+    [audit] = _audits(full_logging)
+    assert (audit.user_id, audit.status, audit.required) == (ALICE, 403, ["users:manage"])
+    refusals = [r for r in full_logging.records if r.name == "ctxvars_mw"]
+    assert [r.getMessage() for r in refusals] == [
+        "request refused: 401 authentication_required",
+        "request refused: 401 invalid_token",
+    ]
+    assert not any("tok-unknown" in line for line in full_logging.lines)

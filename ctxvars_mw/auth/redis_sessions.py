@@ -6,7 +6,10 @@ is the set of that user's session ids (for :meth:`~RedisSessionStore.revoke_user
 :meth:`~RedisSessionStore.touch` is one Lua script — check both timeouts, update
 ``last_seen``, reset the TTL — so a session is checked in a single atomic round trip, and
 the absolute timeout holds however often the session is touched. Revocation deletes the
-key, so every process sees it at once. Any Redis failure surfaces as
+key, so every process sees it at once, and publishes a notice on ``<prefix>revocations`` in
+the same transaction (``{"s": [digests], "u": user id or null}``), which
+:meth:`~RedisSessionStore.watch_revocations` turns into callbacks in every process — that is
+how open websockets learn of it. Any Redis failure surfaces as
 :class:`~ctxvars_mw.ServiceUnavailableError` (the middleware answers 503, fail closed).
 
 redis-py is imported when a store is constructed, never when ``ctxvars_mw`` is imported.
@@ -14,8 +17,12 @@ redis-py is imported when a store is constructed, never when ``ctxvars_mw`` is i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -26,12 +33,17 @@ from ..frozen import freeze_mapping, thaw
 from .sessions import (
     DEFAULT_ABSOLUTE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
+    Revocation,
+    RevocationCallback,
     Session,
     new_session_id,
     seconds,
+    session_digest,
 )
 
 __all__ = ["RedisSessionStore"]
+
+logger = logging.getLogger("ctxvars_mw.sessions")
 
 # KEYS[1] session hash; ARGV: now, idle timeout, absolute timeout (seconds, as strings).
 _TOUCH = """
@@ -111,6 +123,14 @@ class RedisSessionStore:
         self._errors = (RedisError, OSError, TimeoutError)
         self._touch = self._redis.register_script(_TOUCH)
         self._clock = clock
+
+    @property
+    def revocation_channel(self) -> str:
+        """The Redis channel revocation notices are published on."""
+        return f"{self.prefix}revocations"
+
+    def _notice(self, digests: list[str], user_id: str | None) -> str:
+        return json.dumps({"s": digests, "u": user_id}, separators=(",", ":"))
 
     def _session_key(self, session_id: str) -> str:
         return f"{self.prefix}s:{session_id}"
@@ -192,6 +212,8 @@ class RedisSessionStore:
                 pipe.delete(key)
                 if user_id is not None:
                     pipe.srem(self._user_key(_text(user_id)), session_id)
+                notice = self._notice([session_digest(session_id)], None)
+                pipe.publish(self.revocation_channel, notice)
                 await pipe.execute()
         except self._errors as exc:
             raise _unavailable() from exc
@@ -211,14 +233,94 @@ class RedisSessionStore:
                         for sid in sids:
                             pipe.delete(self._session_key(_text(sid)))
                         pipe.delete(user_key)
+                        digests = [session_digest(_text(sid)) for sid in sids]
+                        pipe.publish(self.revocation_channel, self._notice(digests, user_id))
                         results = await pipe.execute()
-                        return int(sum(results[:-1]))
+                        return int(sum(results[:-2]))
                     except WatchError:
                         continue  # a session was created meanwhile: read the set again
         except self._errors as exc:
             raise _unavailable() from exc
 
+    async def watch_revocations(
+        self, callback: RevocationCallback, *, keepalive: float = 15.0
+    ) -> None:
+        """Call ``callback`` with every revocation any process makes, until cancelled.
+
+        Listens on :attr:`revocation_channel`. It calls ``callback(None)`` each time it starts
+        listening — first, and again after a lost connection (one warning per outage;
+        reconnection with capped exponential backoff) — since notices sent before that are
+        not heard: the caller re-checks its sessions. An idle connection is checked with a
+        PING every ``keepalive`` seconds.
+        """
+        delay, outage = _BACKOFF[0], False
+
+        def listening() -> None:
+            nonlocal delay, outage
+            callback(None)  # notices sent before now (or while disconnected) are not heard
+            delay, outage = _BACKOFF[0], False
+
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await self._listen(pubsub, callback, keepalive, listening)
+            except (*self._errors, ConnectionError) as exc:
+                if not outage:
+                    outage = True
+                    logger.warning(
+                        "lost the Redis connection for session revocations (%s); reconnecting",
+                        type(exc).__name__,
+                    )
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter
+                delay = min(delay * 2, _BACKOFF[1])
+            finally:
+                with contextlib.suppress(*self._errors):
+                    await pubsub.aclose()
+
+    async def _listen(
+        self,
+        pubsub: Any,
+        callback: RevocationCallback,
+        keepalive: float,
+        listening: Callable[[], None],
+    ) -> None:
+        await pubsub.subscribe(self.revocation_channel)
+        pinged = False
+        while True:
+            message = await pubsub.get_message(timeout=keepalive)
+            if message is None:
+                if pinged:
+                    raise ConnectionError("the revocation channel did not answer a PING")
+                await pubsub.ping()
+                pinged = True
+                continue
+            pinged = False
+            if message["type"] == "subscribe":
+                listening()  # also when redis-py reconnected and resubscribed by itself
+            elif message["type"] == "message":
+                revocation = _revocation(message["data"])
+                if revocation is not None:
+                    callback(revocation)
+
     async def aclose(self) -> None:
         """Close the Redis client this store created (not one passed in)."""
         if self._owns_client:
             await self._redis.aclose()
+
+
+_BACKOFF = (0.05, 1.0)
+
+
+def _revocation(data: bytes | str) -> Revocation | None:
+    """The notice as a Revocation; None (logged without content) when it is not one."""
+    try:
+        notice = json.loads(data)
+        digests, user_id = notice["s"], notice["u"]
+        if not (isinstance(digests, list) and all(isinstance(d, str) for d in digests)):
+            raise TypeError
+        if user_id is not None and not isinstance(user_id, str):
+            raise TypeError
+    except (ValueError, TypeError, KeyError):
+        logger.warning("ignored a malformed session revocation notice (%d bytes)", len(data))
+        return None
+    return Revocation(frozenset(digests), user_id)

@@ -2,10 +2,21 @@
 
 A session is *active* while it is neither revoked, nor idle for longer than
 ``idle_timeout``, nor older than ``absolute_timeout`` (however often it is touched).
+
+Both stores also report revocations as they happen, for connections that outlive the request
+that opened them (an :class:`~ctxvars_mw.events.EventBus` with ``session_store=`` closes the
+revoked sessions' websockets): ``await store.watch_revocations(callback)`` runs until cancelled
+and calls ``callback`` with a :class:`Revocation` for every ``revoke``/``revoke_user`` — in
+every process, for :class:`~ctxvars_mw.auth.redis_sessions.RedisSessionStore` — and with None
+when it starts listening and whenever some may have been missed (after a lost connection),
+so that the caller checks its sessions again. Revocations name sessions by
+:func:`session_digest`, never by their id.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -16,7 +27,16 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import ConfigurationError
 from ..frozen import freeze_mapping
 
-__all__ = ["InMemorySessionStore", "Session", "SessionStore", "new_session_id", "seconds"]
+__all__ = [
+    "InMemorySessionStore",
+    "Revocation",
+    "RevocationCallback",
+    "Session",
+    "SessionStore",
+    "new_session_id",
+    "seconds",
+    "session_digest",
+]
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60.0
 DEFAULT_ABSOLUTE_TIMEOUT = 8 * 60 * 60.0
@@ -61,6 +81,30 @@ class SessionStore(Protocol):
     async def revoke_user(self, user_id: str) -> int:
         """End every session of ``user_id``; return how many there were."""
         ...
+
+
+def session_digest(session_id: str) -> str:
+    """A session's name in revocation notices: its SHA-256, 32 hex digits (not the secret id)."""
+    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """Sessions that were just ended: by digest (:func:`session_digest`), and — after
+    ``revoke_user`` — every session of ``user_id``."""
+
+    session_digests: frozenset[str] = frozenset()
+    user_id: str | None = None
+
+    def covers(self, session_id: str | None, user_id: str) -> bool:
+        """Whether a connection of ``user_id`` on session ``session_id`` lost its session."""
+        if session_id is None:
+            return False
+        return user_id == self.user_id or session_digest(session_id) in self.session_digests
+
+
+#: Called with each :class:`Revocation`, or with None when some may have been missed.
+RevocationCallback = Callable[[Revocation | None], None]
 
 
 def seconds(name: str, value: float | timedelta) -> float:
@@ -113,6 +157,7 @@ class InMemorySessionStore:
         self._clock = clock
         self._sessions: dict[str, _Record] = {}
         self._by_user: dict[str, set[str]] = {}
+        self._watchers: list[RevocationCallback] = []
 
     def _active(self, sid: str, now: float) -> _Record | None:
         record = self._sessions.get(sid)
@@ -162,13 +207,29 @@ class InMemorySessionStore:
         record = self._sessions.get(session_id)
         if record is not None:
             self._drop(record)
+        self._notify(Revocation(frozenset({session_digest(session_id)})))
 
     async def revoke_user(self, user_id: str) -> int:
         """End every session of ``user_id``."""
         ids = self._by_user.pop(user_id, set())
         for sid in ids:
             self._sessions.pop(sid, None)
+        self._notify(Revocation(frozenset(map(session_digest, ids)), user_id))
         return len(ids)
+
+    async def watch_revocations(self, callback: RevocationCallback) -> None:
+        """Call ``callback`` with each revocation made through this store, until cancelled
+        (first with None: revocations made before it started are not reported)."""
+        self._watchers.append(callback)
+        callback(None)
+        try:
+            await asyncio.get_running_loop().create_future()  # until cancelled
+        finally:
+            self._watchers.remove(callback)
+
+    def _notify(self, revocation: Revocation) -> None:
+        for callback in list(self._watchers):
+            callback(revocation)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -1,20 +1,32 @@
 """The wire form of an event: one JSON object, validated on the way out and on the way in.
 
-The object a websocket receives is exactly the one on the wire::
+The object a websocket receives is the one on the wire plus its event ``"id"``::
 
-    {"type": "event", "user_id": ..., "event": {...}, "request_id": ..., "correlation_id": ...}
+    {"type": "event", "user_id": ..., "event": {...}, "request_id": ..., "correlation_id": ...,
+     "id": "1733212345678-0"}
 
 plus ``"thread_id"`` when the event was published to a thread. ``request_id`` and
-``correlation_id`` are the publisher's (``None`` when published outside a request).
+``correlation_id`` are the publisher's (``None`` when published outside a request). The id is
+given by the backend when the event is stored (``<milliseconds>-<sequence>``, as Redis Streams
+number their entries): ids only grow, so a client keeps the last one it saw, reconnects with
+it, and drops any message whose id it has already seen.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "MalformedMessageError", "decode", "encode"]
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MalformedMessageError",
+    "check_idempotency_key",
+    "decode",
+    "encode",
+    "parse_event_id",
+]
 
 #: The largest encoded message accepted, in bytes (ids and envelope included).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024
@@ -23,6 +35,8 @@ _KEYS = frozenset(("type", "user_id", "event", "request_id", "correlation_id"))
 _THREAD_KEYS = _KEYS | {"thread_id"}
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
+_EVENT_ID = re.compile(r"([0-9]{1,19})-([0-9]{1,19})")
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class MalformedMessageError(ValueError):
@@ -100,3 +114,21 @@ def _is_id(value: object) -> bool:
 
 def _is_optional_id(value: object) -> bool:
     return value is None or _is_id(value)
+
+
+def parse_event_id(value: object) -> tuple[int, int]:
+    """An event id (``"1733212345678-0"``) as a comparable pair; ``ValueError`` otherwise.
+
+    The error never quotes the value (it may come from a client).
+    """
+    match = _EVENT_ID.fullmatch(value) if type(value) is str else None
+    if match is None:
+        raise ValueError("not an event id (expected <milliseconds>-<sequence>)")
+    return int(match[1]), int(match[2])
+
+
+def check_idempotency_key(key: object) -> str:
+    """``key`` if it is ``[A-Za-z0-9._:-]{1,128}``; ``ValueError`` (not quoting it) otherwise."""
+    if type(key) is not str or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValueError("idempotency_key must match [A-Za-z0-9._:-]{1,128}")
+    return key

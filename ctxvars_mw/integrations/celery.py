@@ -25,6 +25,18 @@ Set up once per app::
 
 ``expires_in`` (default one hour) bounds how long a queued task may wait: a task that starts
 later fails with ``ExpiredTokenError`` — raise it for tasks scheduled far ahead (``eta``).
+``leeway`` (default :data:`~ctxvars_mw.envelope.DEFAULT_LEEWAY`, 5 s) is the clock skew tolerated
+past that.
+
+**Each message runs once** with ``install(app, ..., replay_store=RedisReplayStore(url))``: the
+worker claims the envelope's id before the body runs, so a message delivered twice (a broker
+redelivery after a lost ack, a copied message, a replayed capture) fails the second time with
+``InvalidTokenError`` instead of running again in the user's context. A retry (``self.retry()``)
+publishes a new message with a new envelope, so retries still run. With ``acks_late``, a worker
+that dies mid-task leaves a redelivery that is refused: the store makes tasks at most once.
+
+A message whose envelope header is present but not a string fails the task with
+``InvalidTokenError``: it never runs without a context it was meant to have.
 """
 
 from __future__ import annotations
@@ -39,8 +51,17 @@ from celery import Celery, Task, current_app
 from celery.signals import before_task_publish
 
 from ..current import get_context_or_none, reset_frame, set_context
-from ..envelope import Secret, _key, _seconds, dumps, loads
-from ..errors import ConfigurationError
+from ..envelope import (
+    DEFAULT_LEEWAY,
+    ReplayStore,
+    Secret,
+    _key,
+    _seconds,
+    dumps,
+    leeway_seconds,
+    loads,
+)
+from ..errors import ConfigurationError, InvalidTokenError
 
 __all__ = ["ENVELOPE_HEADER", "ContextTask", "install"]
 
@@ -53,6 +74,8 @@ class _Settings:
     secret: Secret
     secrets: tuple[Secret, ...]
     expires_in: int
+    leeway: float
+    replay_store: ReplayStore | None
 
 
 _settings: weakref.WeakKeyDictionary[Any, _Settings] = weakref.WeakKeyDictionary()
@@ -64,12 +87,16 @@ def install(
     secret: Secret,
     expires_in: float | timedelta = 3600,
     previous_secrets: Sequence[Secret] = (),
+    leeway: float | timedelta = DEFAULT_LEEWAY,
+    replay_store: ReplayStore | None = None,
 ) -> None:
     """Carry the context through ``app``'s tasks, signing envelopes with ``secret``.
 
-    ``previous_secrets`` are still accepted when verifying (for rotation). The app must be
-    created with ``task_cls=ContextTask`` (or a subclass). Calling it again replaces the
-    settings.
+    ``previous_secrets`` are still accepted when verifying (for rotation). ``leeway`` is the
+    clock skew tolerated past an envelope's expiry. With ``replay_store`` (a
+    :class:`~ctxvars_mw.envelope.RedisReplayStore` shared by the workers) each message's
+    envelope is accepted once. The app must be created with ``task_cls=ContextTask`` (or a
+    subclass). Calling it again replaces the settings.
     """
     if not issubclass(app.Task, ContextTask):
         raise ConfigurationError(
@@ -80,7 +107,15 @@ def install(
         raise ConfigurationError("previous_secrets must be a sequence of secrets")
     for value in (secret, *previous_secrets):
         _key(value)
-    _settings[app] = _Settings(secret, (secret, *previous_secrets), _seconds(expires_in))
+    if replay_store is not None and not isinstance(replay_store, ReplayStore):
+        raise ConfigurationError("replay_store must have a claim(jti, ttl) method")
+    _settings[app] = _Settings(
+        secret,
+        (secret, *previous_secrets),
+        _seconds(expires_in),
+        leeway_seconds(leeway),
+        replay_store,
+    )
     before_task_publish.connect(_attach_envelope, weak=False, dispatch_uid=__name__)
 
 
@@ -103,12 +138,15 @@ def _attach_envelope(headers: dict[str, Any] | None = None, **_: Any) -> None:
 
 
 def _envelope_of(request: Any) -> str | None:
+    """The message's envelope; None when it has none; InvalidTokenError when it is not a str."""
     value = getattr(request, ENVELOPE_HEADER, None)
     if value is None:
         headers = getattr(request, "headers", None)
         if isinstance(headers, dict):
             value = headers.get(ENVELOPE_HEADER)
-    return value if isinstance(value, str) else None
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidTokenError("The task's context envelope is malformed.")
 
 
 class ContextTask(Task):  # type: ignore[misc]
@@ -122,7 +160,10 @@ class ContextTask(Task):  # type: ignore[misc]
         settings = _settings.get(self._get_app())
         if settings is None:
             raise ConfigurationError("ctxvars_mw.integrations.celery.install() was not called")
-        token = set_context(loads(envelope, settings.secrets))
+        ctx = loads(
+            envelope, settings.secrets, leeway=settings.leeway, replay_store=settings.replay_store
+        )
+        token = set_context(ctx)
         try:
             return super().__call__(*args, **kwargs)
         finally:

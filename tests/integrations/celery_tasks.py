@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 
 from ctxvars_mw import get_context_or_none
+from ctxvars_mw.envelope import RedisReplayStore
 from ctxvars_mw.integrations.celery import ContextTask, install
 
 RUN = os.environ.get("CTXVARS_CELERY_RUN") or uuid.uuid4().hex[:12]
@@ -38,7 +39,10 @@ app.conf.update(
     result_serializer="json",
     result_expires=600,
 )
-install(app, secret=SECRET)
+#: Every worker (and eager run) of this app claims each envelope once in the same Redis.
+REPLAY_PREFIX = f"{PREFIX}envelope:"
+app_replay_store = RedisReplayStore(REDIS, prefix=REPLAY_PREFIX)
+install(app, secret=SECRET, replay_store=app_replay_store)
 
 
 @app.task

@@ -22,7 +22,7 @@ from ctxvars_mw import (
     get_context_or_none,
     use_context,
 )
-from ctxvars_mw.envelope import ENVELOPE_TYP
+from ctxvars_mw.envelope import ENVELOPE_TYP, InMemoryReplayStore, dumps
 from ctxvars_mw.integrations.celery import ENVELOPE_HEADER, install
 from tests.integrations import celery_tasks as tasks
 from tests.servers import ROOT
@@ -174,3 +174,46 @@ def test_install_checks_its_configuration() -> None:
         install(tasks.app, secret="too-short")
     with pytest.raises(ConfigurationError):
         install(Celery("plain", set_as_current=False), secret="s" * 32)
+
+
+def test_worker_runs_a_message_once_with_a_replay_store(worker: Path) -> None:
+    """The same envelope delivered twice (a copied or redelivered message) runs once."""
+    token = dumps(CTX, tasks.SECRET)
+    first = tasks.whoami.apply_async(headers={ENVELOPE_HEADER: token})
+    assert UserExecutionContext.from_dict(first.get(timeout=TIMEOUT)) == CTX
+    again = tasks.whoami.apply_async(headers={ENVELOPE_HEADER: token})
+    with pytest.raises(InvalidTokenError, match="already used"):
+        again.get(timeout=TIMEOUT)
+    with use_context(CTX):  # ordinary publishing signs a fresh envelope every time
+        runs = [tasks.whoami.delay() for _ in range(3)]
+    assert [UserExecutionContext.from_dict(r.get(timeout=TIMEOUT)) for r in runs] == [CTX] * 3
+
+
+@pytest.mark.parametrize("header", [12345, {"ctx": "x"}, ["a"], True], ids=repr)
+def test_worker_fails_a_task_whose_envelope_header_is_not_a_string(
+    worker: Path, header: object
+) -> None:
+    """A present but non-string envelope header fails the task; the body never runs."""
+    result = tasks.whoami.apply_async(headers={ENVELOPE_HEADER: header})
+    with pytest.raises(InvalidTokenError, match="malformed"):
+        result.get(timeout=TIMEOUT)
+
+
+def test_install_takes_the_leeway() -> None:
+    """install(leeway=0) refuses an envelope 3 s past exp; the default 5 s accepts it."""
+    now = int(time.time())
+    payload = {"ctx": CTX.to_dict(), "iat": now - 63, "exp": now - 3, "jti": "j" * 22}
+    try:
+        install(tasks.app, secret=tasks.SECRET, leeway=0, replay_store=InMemoryReplayStore())
+        strict = tasks.whoami.apply(headers={ENVELOPE_HEADER: _forged(payload, tasks.SECRET)})
+        install(tasks.app, secret=tasks.SECRET, replay_store=InMemoryReplayStore())
+        default = tasks.whoami.apply(headers={ENVELOPE_HEADER: _forged(payload, tasks.SECRET)})
+    finally:
+        install(tasks.app, secret=tasks.SECRET, replay_store=tasks.app_replay_store)
+    assert isinstance(strict.result, ExpiredTokenError)
+    assert UserExecutionContext.from_dict(default.result) == CTX
+    for bad in (-1, "5"):
+        with pytest.raises(ConfigurationError, match="leeway"):
+            install(tasks.app, secret=tasks.SECRET, leeway=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="replay_store"):
+        install(tasks.app, secret=tasks.SECRET, replay_store=object())  # type: ignore[arg-type]
