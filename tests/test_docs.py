@@ -265,14 +265,13 @@ def test_readme_is_a_front_door() -> None:
 
 def test_relative_links_point_at_files() -> None:
     """Every relative link in the README and docs names a file of the checkout."""
-    pending = {"docs/identity-providers.md", "docs/reliability.md"}  # written separately
     broken = []
     for page in [*PAGES, ROOT / "SECURITY.md"]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
             path = (page.parent / target).resolve()
-            if not path.exists() and path.relative_to(ROOT).as_posix() not in pending:
+            if not path.exists():
                 broken.append(f"{page.name}: {target}")
     assert broken == []
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 from .._memo import remember
 from ..context import CallerTemplate, UserExecutionContext, caller_template
@@ -181,7 +180,7 @@ class Admission:
                     scopes=identity.scopes,
                     claims=identity.claims,
                     auth_method=identity.auth_method,
-                    client_id=_client_id(identity),
+                    client_id=identity.client_id,
                 )
             )
         except InvalidContextError:
@@ -232,8 +231,3 @@ class Admission:
             bool(self.exempt_prefixes) and path.startswith(self.exempt_prefixes)
         )
 
-
-def _client_id(identity: Any) -> str | None:
-    """The OAuth client the identity's token names (authenticators that know it say so)."""
-    value = getattr(identity, "client_id", None)
-    return value if isinstance(value, str) and value else None
