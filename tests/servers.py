@@ -61,38 +61,20 @@ def wait_for_port(port: int, timeout: float = 15.0) -> None:
 
 
 @contextmanager
-def uvicorn_server(
-    app: str,
+def serve_process(
+    command: list[str],
+    port: int,
     *,
-    port: int | None = None,
+    cwd: Path | str = ROOT,
     env: Mapping[str, str] | None = None,
-    extra_args: tuple[str, ...] = (),
     timeout: float = 20.0,
 ) -> Iterator[str]:
-    """Run ``uvicorn APP`` (``module:attr``) on 127.0.0.1; yield its base URL; stop it after."""
-    port = port or free_port()
+    """Run ``command`` (a server that listens on 127.0.0.1:``port``); yield its base URL once
+    it listens; stop it after. A server that does not start fails with its own output."""
     # The server's output goes to a file, not a pipe: nobody reads a pipe while the test
     # runs, and a server that logs enough would block on a full one (and with it the test).
     output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *extra_args,
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        stdout=output,
-        stderr=subprocess.STDOUT,
-    )
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         try:
             wait_for_port(port, timeout)
@@ -101,7 +83,7 @@ def uvicorn_server(
             proc.wait()
             output.seek(0)
             printed = output.read().decode(errors="replace")
-            raise RuntimeError(f"uvicorn {app} did not start:\n{printed}") from None
+            raise RuntimeError(f"{command[0]} did not start:\n{printed}") from None
         yield f"http://127.0.0.1:{port}"
     finally:
         if proc.poll() is None:
@@ -112,3 +94,21 @@ def uvicorn_server(
                 proc.kill()
                 proc.wait()
         output.close()
+
+
+@contextmanager
+def uvicorn_server(
+    app: str,
+    *,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 20.0,
+) -> Iterator[str]:
+    """Run ``uvicorn APP`` (``module:attr``) on 127.0.0.1; yield its base URL; stop it after."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "warning", *extra_args]
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    with serve_process(command, port, env=environ, timeout=timeout) as url:
+        yield url

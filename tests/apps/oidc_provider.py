@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.servers import ROOT, free_port, wait_for_port
+from tests.servers import ROOT, free_port, serve_process
 
 IDP_DIR = ROOT / "tests" / "idp"
 API = "https://api.example.test"
@@ -74,29 +72,7 @@ def run_provider() -> Iterator[Provider]:
             pytest.fail(missing)
         pytest.skip(missing)
     port = free_port()
-    output = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
     node = shutil.which("node")
     assert node is not None
-    proc = subprocess.Popen(
-        [node, "provider.mjs", str(port)], cwd=IDP_DIR, stdout=output, stderr=subprocess.STDOUT
-    )
-    try:
-        try:
-            wait_for_port(port, timeout=20)
-        except TimeoutError:
-            proc.kill()
-            proc.wait()
-            output.seek(0)
-            raise RuntimeError(
-                f"the provider did not start:\n{output.read().decode(errors='replace')}"
-            ) from None
-        yield Provider(f"http://127.0.0.1:{port}")
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        output.close()
+    with serve_process([node, "provider.mjs", str(port)], port, cwd=IDP_DIR) as url:
+        yield Provider(url)
