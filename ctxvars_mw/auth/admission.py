@@ -230,4 +230,3 @@ class Admission:
         return path in self.exempt_exact or (
             bool(self.exempt_prefixes) and path.startswith(self.exempt_prefixes)
         )
-
