@@ -97,7 +97,7 @@ def test_run_writes_json_and_renders_targets(
     assert run.main(["--quick", "--only", "asgi,micro"]) == 0
     text = capsys.readouterr().out
     assert "## Targets" in text
-    assert "anonymous request Δ over bare Starlette" in text
+    assert "anonymous request, endpoint reads: Δ ≤ 0.8 x asgi-correlation-id" in text
     (saved,) = tmp_path.glob("*.json")
     data = json.loads(saved.read_text())
     assert {"machine", "asgi", "micro", "argv"} <= data.keys()
