@@ -1,19 +1,22 @@
 """UserExecutionContext: the immutable, validated record of who a piece of work runs for.
 
-The fields are declared once, in the class body; everything else — the constructor's
-signature, equality, hashing, ``repr``, ``to_dict``/``from_dict``, ``replace`` and the copies
-that :meth:`~UserExecutionContext.child` and a request's context start from — is derived from
-that one declaration, so adding a field touches one place (and its check in ``__post_init__``).
+The fields are declared once, in the class body; equality, hashing, ``repr``,
+``to_dict``/``from_dict``, ``replace``, pickling and the copies that
+:meth:`~UserExecutionContext.child` and a request's context start from are derived from that
+declaration. Adding a field means declaring it and giving the keyword constructor its
+parameter and check.
 
 Two ways in:
 
-* **The constructor** (``UserExecutionContext(user_id=...)``, ``from_dict``, ``replace``) checks
-  every value in ``__post_init__`` and raises :class:`InvalidContextError`.
+* **The keyword constructor** (``UserExecutionContext(user_id=...)``, ``from_dict``,
+  ``replace``) checks every value and raises :class:`InvalidContextError`.
 * **Derivation** from a context that passed those checks — :meth:`child`, a request's context
   from its caller's (:func:`request_context`) — copies the checked fields and sets only the ones
-  that change. A frozen dataclass pays ``object.__setattr__`` for each field it sets; the copy is
-  made on ``_Filler``, a mutable class with the same slots, whose class is then switched to the
-  frozen one, at a fifth of the cost.
+  that change.
+
+A frozen dataclass pays ``object.__setattr__`` for each field it sets; both ways fill
+``_Filler``, a mutable class with the same slots, with plain attribute stores, and then switch
+its class to the frozen one, at a fifth of the cost.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ _UTC = UTC
 _now = datetime.now
 _new = object.__new__
 _set = object.__setattr__
-# A field declared with this default is filled in by __post_init__ (a generated id, the
-# request id, the current time). Typed Any so that it can stand for a str or a datetime.
+# The declared default of a field the constructor fills in when it is left out (a generated
+# id, the request id, the current time). Typed Any so that it can stand for a str or a datetime.
 _GENERATED: Any = None
 
 #: Set by ctxvars_mw.testing.ContextRegistry while tracking is enabled; None costs nothing.
@@ -81,7 +84,7 @@ class _ContextBase:
     __slots__ = ("__weakref__",)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True, init=False)
 class UserExecutionContext(_ContextBase):
     """Who a request (or a sub-operation of one) runs for, immutable and validated.
 
@@ -116,66 +119,93 @@ class UserExecutionContext(_ContextBase):
     created_at: datetime = _GENERATED
     db_session: Any = field(default=None, compare=False, hash=False, repr=False)
 
-    def __post_init__(self) -> None:
-        # Common values are accepted with an ``is`` or a memo lookup; anything else, and every
-        # refusal, goes through the full check of its field. Checks run in field order, so of
-        # two bad values the first is reported.
+    def __new__(
+        cls,
+        *,
+        user_id: str,
+        thread_id: str | None = None,
+        run_id: str | None = None,
+        request_id: str | None = None,
+        correlation_id: str | None = None,
+        session_id: str | None = None,
+        tier: Tier | str = Tier.FREE,
+        roles: Iterable[str] | None = _EMPTY_SET,
+        permissions: Iterable[str] | None = _EMPTY_SET,
+        features: Iterable[str] | None = _EMPTY_SET,
+        scopes: Iterable[str] | None = _EMPTY_SET,
+        claims: Mapping[str, Any] | None = EMPTY,
+        auth_method: str | None = None,
+        client_id: str | None = None,
+        is_authenticated: bool = True,
+        agent_context: Mapping[str, Any] | None = EMPTY,
+        audit_metadata: Mapping[str, Any] | None = EMPTY,
+        websocket_client_id: str | None = None,
+        trace_id: str | None = None,
+        operation: str | None = None,
+        operation_depth: int = 0,
+        parent_request_id: str | None = None,
+        created_at: datetime | str | None = None,
+        db_session: Any = None,
+    ) -> UserExecutionContext:
+        # The keyword constructor: every value checked (InvalidContextError), in field order,
+        # so of two bad values the first is reported. The common values are accepted with an
+        # ``is`` or a memo lookup. The checked values go straight into the slots of a
+        # ``_Filler`` (see the module docstring), which is then sealed.
         rules = get_id_rules()
-        if type(self.is_authenticated) is not bool:
+        if type(is_authenticated) is not bool:
             _bad("is_authenticated must be a bool")
-        anonymous = self.user_id == ANONYMOUS_USER_ID and not self.is_authenticated
-        if not anonymous:
-            _check_id("user_id", self.user_id, rules)
-        for name in ("thread_id", "run_id", "request_id"):
-            value = getattr(self, name)
-            if value is None:
-                _set(self, name, generate_id())
-            else:
-                _check_id(name, value, rules)
-        if self.correlation_id is None:
-            _set(self, "correlation_id", self.request_id)
-        else:
-            _check_id("correlation_id", self.correlation_id, rules)
-        if self.session_id is not None:
-            _check_id("session_id", self.session_id, rules)
-        if type(self.tier) is not Tier:
-            _set(self, "tier", _check_tier(self.tier))
-        for name in ("roles", "permissions", "features", "scopes"):
-            value = getattr(self, name)
-            if value is not _EMPTY_SET:
-                _set(self, name, _check_names(name, value))
-        if self.user_id == ANONYMOUS_USER_ID and (
-            self.tier is not Tier.FREE or self.roles or self.permissions or self.scopes
+        new: Any = _new(_Filler)  # typed Any: its slots are not declared to the type checker
+        if user_id != ANONYMOUS_USER_ID or is_authenticated:
+            _check_id("user_id", user_id, rules)
+        new.user_id = user_id
+        new.thread_id = generate_id() if thread_id is None else _id("thread_id", thread_id, rules)
+        new.run_id = generate_id() if run_id is None else _id("run_id", run_id, rules)
+        new.request_id = request_id = (
+            generate_id() if request_id is None else _id("request_id", request_id, rules)
+        )
+        new.correlation_id = (
+            request_id if correlation_id is None else _id("correlation_id", correlation_id, rules)
+        )
+        new.session_id = None if session_id is None else _id("session_id", session_id, rules)
+        new.tier = tier if type(tier) is Tier else _check_tier(tier)
+        new.roles = roles = _EMPTY_SET if roles is _EMPTY_SET else _check_names("roles", roles)
+        new.permissions = permissions = (
+            _EMPTY_SET if permissions is _EMPTY_SET else _check_names("permissions", permissions)
+        )
+        new.features = _EMPTY_SET if features is _EMPTY_SET else _check_names("features", features)
+        new.scopes = scopes = _EMPTY_SET if scopes is _EMPTY_SET else _check_names("scopes", scopes)
+        if user_id == ANONYMOUS_USER_ID and (
+            new.tier is not Tier.FREE or roles or permissions or scopes
         ):
             _bad("the anonymous context has tier FREE and no roles, permissions or scopes")
-        if self.claims is not EMPTY:
-            _set(
-                self,
-                "claims",
-                _check_metadata(
-                    "claims", EMPTY if self.claims is None else self.claims, reserved=False
-                ),
-            )
-        _check_optional_text("auth_method", self.auth_method)
-        _check_optional_text("client_id", self.client_id)
-        for name in ("agent_context", "audit_metadata"):
-            value = getattr(self, name)
-            if value is not EMPTY:
-                _set(self, name, _check_metadata(name, EMPTY if value is None else value))
-        for name in ("websocket_client_id", "parent_request_id"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_id(name, value, rules)
-        if self.trace_id is not None and not is_trace_id(self.trace_id):
+        new.claims = EMPTY if claims is EMPTY else _check_metadata("claims", claims, reserved=False)
+        new.auth_method = _check_optional_text("auth_method", auth_method)
+        new.client_id = _check_optional_text("client_id", client_id)
+        new.is_authenticated = is_authenticated
+        new.agent_context = (
+            EMPTY if agent_context is EMPTY else _check_metadata("agent_context", agent_context)
+        )
+        new.audit_metadata = (
+            EMPTY if audit_metadata is EMPTY else _check_metadata("audit_metadata", audit_metadata)
+        )
+        new.websocket_client_id = (
+            None
+            if websocket_client_id is None
+            else _id("websocket_client_id", websocket_client_id, rules)
+        )
+        if trace_id is not None and not is_trace_id(trace_id):
             _bad("trace_id must be 32 lowercase hex characters, not all zero")
-        _check_optional_text("operation", self.operation)
-        _check_depth(self.operation_depth)
-        if self.created_at is None:
-            _set(self, "created_at", _now(_UTC))
-        else:
-            _set(self, "created_at", _check_created_at(self.created_at))
-        if _track is not None:
-            _track(self)
+        new.trace_id = trace_id
+        new.operation = _check_optional_text("operation", operation)
+        new.operation_depth = _check_depth(operation_depth)
+        new.parent_request_id = (
+            None
+            if parent_request_id is None
+            else _id("parent_request_id", parent_request_id, rules)
+        )
+        new.created_at = _now(_UTC) if created_at is None else _check_created_at(created_at)
+        new.db_session = db_session
+        return _seal(new)
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -234,7 +264,12 @@ class UserExecutionContext(_ContextBase):
         unknown = changes.keys() - _FIELD_NAMES
         if unknown:
             _bad(f"unknown field(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes)
+        return UserExecutionContext(**{name: getattr(self, name) for name in _SLOTS} | changes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle and copy: rebuild the slots on a bare instance (``__new__`` needs the
+        fields as keywords, which the default reduction does not pass)."""
+        return (_bare, (), self.__getstate__())
 
     def with_db_session(self, session: Any) -> UserExecutionContext:
         """A copy carrying ``session`` (a database session) as ``db_session``."""
@@ -379,6 +414,11 @@ def _compile_copy() -> Callable[[UserExecutionContext], Any]:
 _copy = _compile_copy()
 
 
+def _bare() -> UserExecutionContext:
+    """An empty instance, for unpickling (its slots are then filled by ``__setstate__``)."""
+    return _new(UserExecutionContext)
+
+
 def _seal(new: Any) -> UserExecutionContext:
     """Turn a filled ``_Filler`` into the frozen context it stands for."""
     new.__class__ = UserExecutionContext
@@ -439,6 +479,12 @@ def request_context(
 
 
 # -- field checks ------------------------------------------------------------------------
+
+
+def _id(name: str, value: object, rules: IdRules) -> str:
+    """``value``, a checked id (see :func:`_check_id`)."""
+    _check_id(name, value, rules)
+    return value  # type: ignore[return-value]
 
 
 def _check_id(name: str, value: object, rules: IdRules) -> None:
@@ -511,9 +557,9 @@ def _check_tier(value: object) -> Tier:
         _bad("tier must be one of: " + ", ".join(t.value for t in Tier))
 
 
-def _check_depth(value: object) -> None:
+def _check_depth(value: object) -> int:
     if type(value) is int and 0 <= value <= MAX_OPERATION_DEPTH:
-        return
+        return value
     if not isinstance(value, int) or isinstance(value, bool):
         _bad("operation_depth must be an int")
     if value < 0:
@@ -532,9 +578,9 @@ def _check_created_at(value: object) -> datetime:
     return value if value.tzinfo is _UTC else value.astimezone(_UTC)
 
 
-def _check_optional_text(name: str, value: object) -> None:
+def _check_optional_text(name: str, value: object) -> str | None:
     if value is None or (type(value) is str and value.isprintable() and value.strip()):
-        return
+        return value
     _bad(f"{name} must be a non-empty string")
 
 
