@@ -208,3 +208,38 @@ async def test_rotated_out_key_stops_authenticating_its_cached_tokens(idp: Provi
     assert (await auth.verify(new)).user_id == "service-a"
     with pytest.raises(InvalidTokenError, match="unknown"):
         await auth.verify(old)
+
+
+async def test_a_client_credentials_caller_is_a_service_caller_in_its_context(
+    idp: Provider, introspection: OAuth2IntrospectionAuthenticator
+) -> None:
+    """Through the middleware, an opaque client-credentials token gives a context whose user
+    is the client (``client_id == user_id``), with its scopes visible on their own."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from ctxvars_mw import ContextMiddleware, get_context
+
+    async def caller(request: Request) -> JSONResponse:
+        ctx = get_context()
+        return JSONResponse(
+            {
+                "user_id": ctx.user_id,
+                "client_id": ctx.client_id,
+                "scopes": sorted(ctx.scopes),
+                "can_write": ctx.has_permission("api:write"),
+            }
+        )
+
+    app = ContextMiddleware(Starlette(routes=[Route("/", caller)]), authenticator=introspection)
+    token = await idp.token(f"{API}/opaque", "api:write")
+    async with client_for(app) as client:
+        seen = (await client.get("/", headers=bearer(token))).json()
+    assert seen == {
+        "user_id": "service-a",
+        "client_id": "service-a",
+        "scopes": ["api:write"],
+        "can_write": True,
+    }

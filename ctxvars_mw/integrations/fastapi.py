@@ -26,7 +26,10 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Security
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from ..context import UserExecutionContext
 from ..current import get_context
@@ -45,6 +48,7 @@ from .starlette import install_exception_handlers
 __all__ = [
     "AuthenticatedContext",
     "CurrentContext",
+    "ErrorBody",
     "bearer_scheme",
     "current_context",
     "depends_authenticated",
@@ -52,6 +56,7 @@ __all__ = [
     "depends_permission",
     "depends_role",
     "depends_tier",
+    "document_error_responses",
     "install_exception_handlers",
     "require_authenticated",
     "require_feature",
@@ -84,46 +89,120 @@ async def current_context(_credentials: _Credentials) -> UserExecutionContext:
 CurrentContext = Annotated[UserExecutionContext, Depends(current_context)]
 
 
-def _secured(check: _Check) -> Any:
-    """``Security(...)`` running ``check`` behind the bearer scheme."""
+class ErrorBody(BaseModel):
+    """The JSON body of ctxvars_mw's 401 and 403 answers (RFC 6750 error codes)."""
+
+    error: str
+    error_description: str
+    required: list[str] | None = None
+
+
+_DESCRIPTIONS = {
+    401: "No valid credentials (`authentication_required` or `invalid_token`).",
+    403: "Authenticated, but without what the endpoint requires (`insufficient_scope`, "
+    "with `required`).",
+}
+
+
+def _secured(check: _Check, *statuses: int) -> Any:
+    """``Security(...)`` running ``check`` behind the bearer scheme; it can answer
+    ``statuses`` (see :func:`document_error_responses`)."""
 
     async def dependency(_credentials: _Credentials) -> UserExecutionContext:
         return await check()
 
+    dependency.ctxvars_responses = statuses  # type: ignore[attr-defined]
     return Security(dependency)
 
 
 def require_authenticated() -> Any:
     """A dependency: the context if authenticated, else 401."""
-    return _secured(depends_authenticated())
+    return _secured(depends_authenticated(), 401)
 
 
 def require_tier(tier: Tier | str) -> Any:
     """A dependency: the context if its tier is ``tier`` or above (401 anonymous, 403 lower)."""
-    return _secured(depends_tier(tier))
+    return _secured(depends_tier(tier), 401, 403)
 
 
 def require_role(*roles: str, any_: bool = False) -> Any:
     """A dependency: the context if it holds every role (``any_=True``: one), else 401/403."""
-    return _secured(depends_role(*roles, any_=any_))
+    return _secured(depends_role(*roles, any_=any_), 401, 403)
 
 
 def require_permission(*permissions: str, any_: bool = False) -> Any:
     """A dependency: the context if it holds the permissions (wildcards count), else 401/403."""
-    return _secured(depends_permission(*permissions, any_=any_))
+    return _secured(depends_permission(*permissions, any_=any_), 401, 403)
 
 
 def require_feature(*features: str, any_: bool = False) -> Any:
     """A dependency: the context if its tier grants the features, else 401/403."""
-    return _secured(depends_feature(*features, any_=any_))
+    return _secured(depends_feature(*features, any_=any_), 401, 403)
 
 
 #: ``ctx: AuthenticatedContext`` — the request's context; 401 for anonymous callers.
 AuthenticatedContext = Annotated[UserExecutionContext, require_authenticated()]
 
 
+def document_error_responses(app: FastAPI) -> None:
+    """Make ``app``'s OpenAPI schema show the 401/403 answers of our dependencies.
+
+    Every operation that depends (directly, or through another dependency) on one of the
+    ``require_*`` dependencies or :data:`AuthenticatedContext` gets its 401 (and, for the
+    checks that can refuse an authenticated caller, 403) response with the
+    :class:`ErrorBody` model, so ``/docs`` shows what each endpoint can answer. Responses an
+    operation declares itself are kept. :func:`setup` calls this.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None  # FastAPI builds the schema once, then caches it
+        schema = generate()
+        if fresh:
+            _add_error_responses(app, schema)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_error_responses(app: FastAPI, schema: dict[str, Any]) -> None:
+    """Add the 401/403 responses (and the ErrorBody schema) to ``schema``, in place."""
+    reference = {"$ref": "#/components/schemas/ErrorBody"}
+    used = False
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or not route.include_in_schema:
+            continue
+        statuses = _statuses(route.dependant)
+        for method in route.methods or ():
+            operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+            if operation is None:
+                continue
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                if str(status) not in responses:
+                    used = True
+                    responses[str(status)] = {
+                        "description": _DESCRIPTIONS[status],
+                        "content": {"application/json": {"schema": reference}},
+                    }
+    if used:
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.setdefault(
+            "ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+
+
+def _statuses(dependant: Dependant) -> set[int]:
+    """The error statuses our dependencies in ``dependant``'s tree can answer."""
+    found = set(getattr(dependant.call, "ctxvars_responses", ()))
+    for sub in dependant.dependencies:
+        found |= _statuses(sub)
+    return found
+
+
 def setup(app: FastAPI, *, add_middleware: bool = True, **middleware_options: Any) -> None:
-    """Install our exception handlers on ``app`` and (by default) ContextMiddleware.
+    """Install our exception handlers on ``app``, document our 401/403 answers in its OpenAPI
+    schema (:func:`document_error_responses`) and (by default) add ContextMiddleware.
 
     ``middleware_options`` are :class:`~ctxvars_mw.ContextMiddleware`'s keyword options;
     they are checked now (bad option → :class:`~ctxvars_mw.ConfigurationError`), not at the
@@ -131,6 +210,7 @@ def setup(app: FastAPI, *, add_middleware: bool = True, **middleware_options: An
     that are wrapped instead: ``app = ContextMiddleware(fastapi_app, ...)``.
     """
     install_exception_handlers(app)
+    document_error_responses(app)
     if add_middleware:
         ContextMiddleware(app, **middleware_options)  # validates the options eagerly
         app.add_middleware(ContextMiddleware, **middleware_options)

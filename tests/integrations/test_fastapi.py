@@ -182,6 +182,54 @@ def test_openapi_shows_the_bearer_security_scheme() -> None:
         assert schema["paths"][path]["get"]["security"] == [{"HTTPBearer": []}]
 
 
+def test_openapi_declares_each_requirements_401_and_403_with_the_error_body() -> None:
+    """Each gated operation shows the answers its requirement can give: 401 for
+    AuthenticatedContext, 401 and 403 for the tier/role/permission/feature checks, with the
+    ErrorBody model; an open operation shows neither."""
+    schema = added().openapi()
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, expected in (
+        ("/private", {"401"}),
+        ("/reports", {"401", "403"}),
+        ("/admin", {"401", "403"}),
+        ("/threads", {"401", "403"}),
+        ("/beta", {"401", "403"}),
+        ("/me", set()),
+    ):
+        responses = schema["paths"][path]["get"]["responses"]
+        assert {code for code in responses if code in ("401", "403")} == expected, path
+        for code in expected:
+            assert responses[code]["content"]["application/json"]["schema"] == ref
+    body = schema["components"]["schemas"]["ErrorBody"]
+    assert set(body["required"]) == {"error", "error_description"}
+    assert set(body["properties"]) == {"error", "error_description", "required"}
+
+
+def test_openapi_keeps_the_responses_an_operation_declares_itself() -> None:
+    """An operation's own 403 response stays as the app declared it."""
+    app = FastAPI()
+    own = {403: {"description": "Only for the billing team."}}
+
+    @app.get("/billing", dependencies=[require_role("billing")], responses=own)
+    async def billing() -> dict[str, bool]:
+        return {"ok": True}
+
+    setup(app, authenticator=TokenTableAuthenticator())
+    responses = app.openapi()["paths"]["/billing"]["get"]["responses"]
+    assert responses["403"] == {"description": "Only for the billing team."}
+    assert responses["401"]["description"].startswith("No valid credentials")
+    assert app.openapi() is app.openapi()  # built once, like FastAPI's own
+
+
+async def test_a_real_403_matches_the_documented_error_body(http: httpx.AsyncClient) -> None:
+    """What /reports answers a free caller validates against the documented model."""
+    from ctxvars_mw.integrations.fastapi import ErrorBody
+
+    response = await http.get("/reports", headers=bearer(BOB_TOKEN))
+    assert response.status_code == 403
+    assert ErrorBody.model_validate(response.json()).required == ["business"]
+
+
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
 def test_websocket_endpoint_gets_the_current_context(placement: str) -> None:
     """``CurrentContext`` works in a websocket endpoint, with the socket's client id."""
