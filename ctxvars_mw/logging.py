@@ -21,6 +21,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from .current import get_context_or_none
+from .errors import ConfigurationError
 
 __all__ = [
     "CONTEXT_FIELDS",
@@ -34,14 +35,14 @@ __all__ = [
 CONTEXT_FIELDS = ("request_id", "correlation_id", "user_id", "tier", "operation_depth")
 
 
-def _annotate(record: logging.LogRecord) -> None:
+def _annotate(record: logging.LogRecord, default: str = "-", id_length: int | None = None) -> None:
     ctx = get_context_or_none()
     if ctx is None:
-        record.request_id = record.correlation_id = record.user_id = record.tier = "-"
-        record.operation_depth = "-"
+        record.request_id = record.correlation_id = record.user_id = record.tier = default
+        record.operation_depth = default
     else:
-        record.request_id = ctx.request_id
-        record.correlation_id = ctx.correlation_id
+        record.request_id = ctx.request_id[:id_length]
+        record.correlation_id = ctx.correlation_id[:id_length]
         record.user_id = ctx.user_id
         record.tier = ctx.tier.value
         record.operation_depth = ctx.operation_depth
@@ -50,13 +51,29 @@ def _annotate(record: logging.LogRecord) -> None:
 class ContextLogFilter(logging.Filter):
     """A logging filter that adds the current context's ids to each record (never drops one).
 
-    Values already set on the record (e.g. by the record factory, or ``extra=``) are kept.
+    ``default_value`` (``"-"``) is what the fields hold outside a request; ``id_length``
+    (None: whole ids) shortens ``request_id`` and ``correlation_id`` for compact log lines.
+    Both can be given in ``dictConfig`` next to ``"()"``. Values already set on the record
+    (by the record factory, say) are kept.
     """
+
+    def __init__(
+        self, name: str = "", *, default_value: str = "-", id_length: int | None = None
+    ) -> None:
+        super().__init__(name)
+        if not isinstance(default_value, str):
+            raise ConfigurationError("default_value must be a string")
+        if id_length is not None and (
+            isinstance(id_length, bool) or not isinstance(id_length, int) or id_length < 1
+        ):
+            raise ConfigurationError("id_length must be a positive int or None")
+        self.default_value = default_value
+        self.id_length = id_length
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Annotate ``record``; always keep it."""
         if not hasattr(record, "request_id"):
-            _annotate(record)
+            _annotate(record, self.default_value, self.id_length)
         return True
 
 

@@ -384,3 +384,60 @@ async def test_middleware_refusals_stay_401_and_403_in_a_starlette_app(
         "request refused: 401 invalid_token",
     ]
     assert not any("tok-unknown" in line for line in full_logging.lines)
+
+
+def test_filter_default_value_and_id_length_shape_the_fields() -> None:
+    """Outside a request the fields hold ``default_value``; inside one, ``id_length`` shortens
+    the request and correlation ids (the user id is never cut)."""
+    import logging as stdlib_logging
+
+    from ctxvars_mw import UserExecutionContext, use_context
+    from ctxvars_mw.logging import ContextLogFilter
+
+    def record() -> stdlib_logging.LogRecord:
+        return stdlib_logging.LogRecord("t", stdlib_logging.INFO, __file__, 1, "m", None, None)
+
+    outside = record()
+    ContextLogFilter(default_value="").filter(outside)
+    assert (outside.request_id, outside.user_id, outside.operation_depth) == ("", "", "")
+    ctx = UserExecutionContext(user_id="auth0|5f7c8ec7c33c6c004bbafe82")
+    inside = record()
+    with use_context(ctx):
+        ContextLogFilter(id_length=8).filter(inside)
+    assert inside.request_id == ctx.request_id[:8]
+    assert inside.correlation_id == ctx.correlation_id[:8]
+    assert inside.user_id == ctx.user_id
+
+
+@pytest.mark.parametrize(
+    "options", [{"default_value": None}, {"id_length": 0}, {"id_length": True}]
+)
+def test_filter_refuses_bad_options(options: dict[str, object]) -> None:
+    """A bad filter option is a ConfigurationError naming it, when logging is configured."""
+    from ctxvars_mw import ConfigurationError
+    from ctxvars_mw.logging import ContextLogFilter
+
+    (name,) = options
+    with pytest.raises(ConfigurationError, match=name):
+        ContextLogFilter(**options)  # type: ignore[arg-type]
+
+
+def test_filter_options_work_from_dictconfig() -> None:
+    """``dictConfig`` passes the options next to ``"()"``."""
+    import logging.config
+
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "filters": {
+                "ctx": {"()": "ctxvars_mw.logging.ContextLogFilter", "default_value": "none"}
+            },
+            "handlers": {"h": {"class": "logging.NullHandler", "filters": ["ctx"]}},
+            "loggers": {"ctxvars_mw.tests.dictconfig": {"handlers": ["h"]}},
+        }
+    )
+    handler = logging.getLogger("ctxvars_mw.tests.dictconfig").handlers[0]
+    (installed,) = handler.filters
+    assert installed.default_value == "none"  # type: ignore[union-attr]
+    logging.getLogger("ctxvars_mw.tests.dictconfig").handlers.clear()
