@@ -84,7 +84,7 @@ def lookup(payload: Mapping[str, Any], path: ClaimPath) -> Any:
     """The value at ``path`` in ``payload``, or None when any object on the way is missing."""
     value: Any = payload
     for segment in path:
-        if not isinstance(value, Mapping):
+        if type(value) is not dict and not isinstance(value, Mapping):  # JSON: dicts, mostly
             return None
         value = value.get(segment)
         if value is None:
