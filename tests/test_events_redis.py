@@ -186,14 +186,20 @@ async def _blocked_readers(redis_client: Any, name: str) -> list[Any]:
     return [c["id"] for c in clients if c.get("name") == name and c.get("cmd") == "xread"]
 
 
-@contextmanager
-def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """A private redis-server on 127.0.0.1:``port`` (stopped afterwards)."""
+def _redis_server_binary() -> str:
+    """The redis-server executable; a test that needs one fails in CI without it."""
     exe = shutil.which("redis-server")
     if exe is None:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("redis-server is not installed")
         pytest.skip("redis-server is not installed")
+    return exe
+
+
+@contextmanager
+def redis_server(port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A private redis-server on 127.0.0.1:``port`` (stopped afterwards)."""
+    exe = _redis_server_binary()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -465,11 +471,7 @@ async def test_stream_memory_per_ten_thousand_events(redis_url: str, key_prefix:
 
 
 def _redis_with_aof(port: int, directory: str) -> subprocess.Popen[bytes]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
+    exe = _redis_server_binary()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", directory,
          "--appendonly", "yes", "--appendfsync", "always"],
@@ -539,7 +541,9 @@ async def test_no_event_is_lost_or_duplicated_across_a_redis_restart_and_a_freez
     crossed = sum(m["user_id"] != ALICE or "other" in m["event"] for m in received)
     print(f"{count} events across a restart and a 2.5 s freeze: {len(lost)} lost, "
           f"{duplicated} duplicated, {crossed} cross-user, {retried} retried")  # fmt: skip
-    assert retried >= 2  # both faults were felt by the publisher
+    # The freeze outlasts publish()'s own retries, so the publisher felt at least that fault
+    # (a restart can fall between two publishes, or inside one publish's retries).
+    assert retried >= 1
     assert not lost
     assert duplicated == 0
     assert numbers == sorted(numbers)
