@@ -1,6 +1,6 @@
 """Authentication through the real ContextMiddleware and a Starlette app.
 
-The bad-token corpus of issue 3: every case is a 401 with ``WWW-Authenticate`` (400 where the
+The bad-token corpus: every case is a 401 with ``WWW-Authenticate`` (400 where the
 token came two ways), never a 500, and the raw token never reaches the logs or the body.
 """
 
