@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -312,19 +312,28 @@ HEADER_ID_MAX = 128
 _HEADER_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 
 
-def accept_header_id(raw: bytes | None, rules: IdRules) -> str | None:
+def accept_header_id(
+    raw: bytes | None, rules: IdRules, validator: Callable[[str], bool] | None = None
+) -> str | None:
     """The id an incoming ``X-Request-ID``-like header carries, when it is acceptable.
 
-    Acceptable: 1 to 128 of ``[A-Za-z0-9._:-]`` and not a placeholder under ``rules``. Anything
-    else (absent, repeated, too long, odd characters, a placeholder) is None: the caller
-    generates an id instead. The value is never logged, and never echoed.
+    Acceptable: 1 to 128 of ``[A-Za-z0-9._:-]``, not a placeholder under ``rules``, and, when
+    a ``validator`` is given (e.g. UUIDs only), one it accepts. Anything else (absent,
+    repeated, too long, odd characters, a placeholder) is None: the caller generates an id
+    instead, or refuses the request. The value is never logged, and never echoed.
     """
     if not raw or len(raw) > HEADER_ID_MAX or raw.translate(None, _HEADER_ID_CHARS):
         return None
     value = raw.decode("ascii")
-    if len(value) >= rules._safe_length or not rules.is_placeholder(value):
-        return value
-    return None
+    if len(value) < rules._safe_length and rules.is_placeholder(value):
+        return None
+    if validator is not None:
+        try:
+            if not validator(value):
+                return None
+        except Exception:  # a validator that raises refuses the id (never a 500)
+            return None
+    return value
 
 
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9-]{1,64}")

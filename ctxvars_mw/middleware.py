@@ -18,8 +18,9 @@ A request goes through five steps, each owned by one module:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .auth.admission import REPEATED, Admission
 from .auth.base import Authenticator
@@ -30,6 +31,7 @@ from .errors import (
     AuthenticationError,
     ConfigurationError,
     HTTPError,
+    InvalidRequestError,
     PermissionDeniedError,
 )
 from .frozen import freeze_mapping
@@ -55,10 +57,21 @@ class Settings:
     request_id_header: bytes  # lowercase, as ASGI gives header names
     correlation_id_header: bytes
     id_names: tuple[bytes, bytes]  # both, for the responder
+    #: The id header names as configured (``X-Request-ID``), by their lowercase bytes: for
+    #: log lines and error descriptions.
+    spelled: dict[bytes, str]
     #: The request headers the exchange reads (the id headers only when incoming ids are
     #: trusted, the credentials only with an authenticator).
     wanted: frozenset[bytes]
     trust_incoming_baggage: bool
+    #: Incoming ids must also pass this (None: the header rule and the id rules only).
+    id_validator: Callable[[str], bool] | None = None
+    #: Makes the ids of requests that bring none (or a refused one).
+    id_generator: Callable[[], str] = generate_id
+    #: A refused incoming id is a 400 instead of being replaced.
+    reject_invalid_ids: bool = False
+    #: The request's own id headers show the ids in use (for the app, and the apps it calls).
+    update_request_headers: bool = True
 
     @classmethod
     def from_options(
@@ -69,20 +82,37 @@ class Settings:
         correlation_id_header: object,
         trust_incoming_ids: object,
         trust_incoming_baggage: object,
+        id_validator: object = None,
+        id_generator: object = None,
+        reject_invalid_ids: object = False,
+        update_request_headers: object = True,
     ) -> Settings:
         """The settings for these options."""
         _check_bool("trust_incoming_ids", trust_incoming_ids)
         _check_bool("trust_incoming_baggage", trust_incoming_baggage)
-        rid, cid = (
-            name.lower().encode("ascii")
-            for name in check_id_header_names(request_id_header, correlation_id_header)
-        )
+        _check_bool("reject_invalid_ids", reject_invalid_ids)
+        _check_bool("update_request_headers", update_request_headers)
+        if id_validator is not None and not callable(id_validator):
+            raise ConfigurationError("id_validator must be a callable taking the id")
+        names = check_id_header_names(request_id_header, correlation_id_header)
+        rid, cid = (name.lower().encode("ascii") for name in names)
         wanted = {b"traceparent"}
         if trust_incoming_ids:
             wanted |= {rid, cid}
         if authenticate:
             wanted.add(b"authorization")
-        return cls(rid, cid, (rid, cid), frozenset(wanted), bool(trust_incoming_baggage))
+        return cls(
+            rid,
+            cid,
+            (rid, cid),
+            {rid: names[0], cid: names[1]},
+            frozenset(wanted),
+            bool(trust_incoming_baggage),
+            id_validator,
+            _check_generator(id_generator, id_validator),
+            bool(reject_invalid_ids),
+            bool(update_request_headers),
+        )
 
 
 class ContextMiddleware:
@@ -103,7 +133,11 @@ class ContextMiddleware:
     edge service: incoming request/correlation ids are ignored and always generated),
     ``websocket_token_query_param`` (opt-in token query parameter on websocket handshakes),
     ``trust_incoming_baggage`` (keep validated W3C ``baggage``/``tracestate`` from callers in
-    ``audit_metadata``; off by default because callers are untrusted).
+    ``audit_metadata``; off by default because callers are untrusted), ``id_validator`` (an
+    extra rule incoming ids must pass, e.g. UUIDs only), ``id_generator`` (makes the ids of
+    requests that bring none), ``reject_invalid_ids`` (answer a refused incoming id with a
+    400 instead of replacing it) and ``update_request_headers`` (on: the request's own id
+    headers show the ids in use, so the app and what it forwards see them).
     """
 
     def __init__(
@@ -122,6 +156,10 @@ class ContextMiddleware:
         websocket_token_query_param: str | None = None,
         trust_incoming_baggage: bool = False,
         trust_incoming_ids: bool = True,
+        id_validator: Callable[[str], bool] | None = None,
+        id_generator: Callable[[], str] | None = None,
+        reject_invalid_ids: bool = False,
+        update_request_headers: bool = True,
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI application")
@@ -132,6 +170,10 @@ class ContextMiddleware:
             correlation_id_header=correlation_id_header,
             trust_incoming_ids=trust_incoming_ids,
             trust_incoming_baggage=trust_incoming_baggage,
+            id_validator=id_validator,
+            id_generator=id_generator,
+            reject_invalid_ids=reject_invalid_ids,
+            update_request_headers=update_request_headers,
         )
         self.admission = Admission(
             _check_authenticator(authenticator),
@@ -149,15 +191,15 @@ class ContextMiddleware:
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
-        headers = scope["headers"]
-        found = read_headers(headers, self.settings.wanted)
-        outer = request_context_for(headers)  # a ContextMiddleware around this one, same request
-        request_id, correlation_id, trace_id = self.request_ids(found, outer)
+        incoming = scope["headers"]
+        found = read_headers(incoming, self.settings.wanted)
+        outer = request_context_for(incoming)  # a ContextMiddleware around this one
+        request_id, correlation_id, trace_id, refusal = self.request_ids(scope, found, outer)
+        headers = scope["headers"]  # with the ids in use (update_request_headers)
         responder = Responder(send, self.settings, request_id, correlation_id)
         ws_id = request_id if kind == "websocket" else None
-        refusal: HTTPError | None = None
         caller, admission = self.admission.anonymous, self.admission
-        if admission.authenticator is not None:
+        if admission.authenticator is not None and refusal is None:
             try:
                 caller, responder.subprotocol = await admission.admit(
                     scope, found.get(b"authorization")
@@ -167,6 +209,7 @@ class ContextMiddleware:
         ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer)
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
+            scope["headers"] = incoming
             return
         if self.settings.trust_incoming_baggage:
             ctx = with_incoming_baggage(ctx, headers)
@@ -186,6 +229,7 @@ class ContextMiddleware:
             await responder.server_error()
             raise
         finally:
+            scope["headers"] = incoming  # the scope leaves as it came
             try:
                 if cleanups:
                     await run_cleanups(cleanups)
@@ -193,38 +237,73 @@ class ContextMiddleware:
                 close_scope(token, cleanups)
 
     def request_ids(
-        self, found: dict[bytes, bytes], outer: UserExecutionContext | None
-    ) -> tuple[str, str, str | None]:
-        """The request's id, correlation id and trace id: those of the request an outer
-        ContextMiddleware handles already, else the accepted incoming ones (generated when
-        absent or refused; the correlation id defaults to the request id)."""
+        self, scope: Scope, found: dict[bytes, bytes], outer: UserExecutionContext | None
+    ) -> tuple[str, str, str | None, HTTPError | None]:
+        """The request's id, correlation id and trace id, and the refusal of an invalid
+        incoming id (``reject_invalid_ids``; else None).
+
+        Those of the request an outer ContextMiddleware handles already; else the accepted
+        incoming ones, generated when absent or refused (the correlation id defaults to the
+        request id). With ``update_request_headers``, ids that did not come in as they are
+        used replace the request's own id headers.
+        """
         if outer is not None:
-            return outer.request_id, outer.correlation_id, outer.trace_id
+            return outer.request_id, outer.correlation_id, outer.trace_id, None
         settings = self.settings
         raw_rid = found.get(settings.request_id_header)
         raw_cid = found.get(settings.correlation_id_header)
         request_id = correlation_id = None
         if raw_rid is not None or raw_cid is not None:
             rules = get_id_rules()
-            request_id = accept_header_id(raw_rid, rules)
-            correlation_id = accept_header_id(raw_cid, rules)
+            request_id = accept_header_id(raw_rid, rules, settings.id_validator)
+            correlation_id = accept_header_id(raw_cid, rules, settings.id_validator)
+        rid_refused = raw_rid is not None and request_id is None
+        cid_refused = raw_cid is not None and correlation_id is None
+        generated = request_id is None
         if request_id is None:
-            request_id = generate_id()
-            if raw_rid is not None:
-                _replaced(settings.request_id_header, request_id)
+            request_id = settings.id_generator()
         if correlation_id is None:
             correlation_id = request_id
-            if raw_cid is not None:
-                _replaced(settings.correlation_id_header, request_id)
-        return request_id, correlation_id, trace_id_of(found.get(b"traceparent"))
+        refusal = None
+        if rid_refused or cid_refused:  # the rare case: name the header, as configured
+            names = [
+                settings.spelled[name]
+                for name, was_refused in (
+                    (settings.request_id_header, rid_refused),
+                    (settings.correlation_id_header, cid_refused),
+                )
+                if was_refused
+            ]
+            if settings.reject_invalid_ids:
+                refusal = InvalidRequestError(
+                    f"The {' and '.join(names)} header is not a valid id."
+                )
+            else:
+                for name in names:
+                    _replaced(name, request_id)
+        refused = rid_refused or cid_refused
+        if settings.update_request_headers and (generated or raw_cid is None or refused):
+            scope["headers"] = _with_request_ids(
+                scope["headers"], settings, request_id, correlation_id
+            )
+        return request_id, correlation_id, trace_id_of(found.get(b"traceparent")), refusal
 
 
-def _replaced(header: bytes, new_id: str) -> None:
+def _with_request_ids(
+    headers: Iterable[tuple[bytes, bytes]], settings: Settings, request_id: str, correlation_id: str
+) -> list[tuple[bytes, bytes]]:
+    """A new request header list: ``headers`` with the id headers set to the ids in use."""
+    names = settings.id_names
+    out = [(name, value) for name, value in headers if name not in names]
+    out.append((settings.request_id_header, request_id.encode("ascii")))
+    out.append((settings.correlation_id_header, correlation_id.encode("ascii")))
+    return out
+
+
+def _replaced(header: str, new_id: str) -> None:
     """Log that an incoming id header was refused: its name and the id used instead, never
     the value the client sent."""
-    logger.warning(
-        "replaced an invalid incoming %s header with the id %s", header.decode("ascii"), new_id
-    )
+    logger.warning("replaced an invalid incoming %s header with the id %s", header, new_id)
 
 
 def read_headers(
@@ -340,6 +419,22 @@ class Responder:
 
 
 # -- option checks: each raises ConfigurationError naming its option ----------------------
+
+
+def _check_generator(generator: object, validator: object) -> Callable[[], str]:
+    """The id generator, tried once: what it makes must pass the header rule for ids (and
+    the ``id_validator``), or every request would carry a broken id."""
+    if generator is None:
+        return generate_id
+    if not callable(generator):
+        raise ConfigurationError("id_generator must be a callable returning a new id")
+    sample = generator()
+    check: Any = validator
+    if not (isinstance(sample, str) and sample.isascii()) or (
+        accept_header_id(sample.encode("ascii"), get_id_rules(), check) is None
+    ):
+        raise ConfigurationError("id_generator must return ids of [A-Za-z0-9._:-]{1,128}")
+    return generator
 
 
 def _check_bool(option: str, value: object) -> bool:

@@ -1307,3 +1307,118 @@ async def test_use_context_inside_a_request_shadows_the_request_context_and_rest
 async def _read_context() -> object:
     await asyncio.sleep(0)
     return get_context()
+
+
+# -- incoming id options ----------------------------------------------------------------------
+
+
+async def _seen_headers(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers with the request's own id headers as the app sees them."""
+    seen = {k.decode(): v.decode() for k, v in scope["headers"] if k.startswith(b"x-")}
+    body = json.dumps(seen).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [[], [hdr("X-Request-ID", "<script>")], [hdr("X-Request-ID", VALID_RID)]],
+    ids=["none", "refused", "accepted-without-correlation"],
+)
+async def test_the_request_headers_show_the_ids_in_use(headers: list[tuple[bytes, bytes]]) -> None:
+    """The app reads the ids in use in the request's own headers, not what the client sent;
+    the scope leaves the middleware with the headers it came with."""
+    app = ContextMiddleware(_seen_headers)
+    scope = http_scope("/", headers)
+    before = scope["headers"]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    seen = json.loads(sent[-1]["body"])
+    response = dict(sent[0]["headers"])
+    assert seen == {
+        "x-request-id": response[b"x-request-id"].decode(),
+        "x-correlation-id": response[b"x-correlation-id"].decode(),
+    }
+    assert scope["headers"] is before
+
+
+def test_a_websocket_endpoint_reads_the_ids_in_use_from_its_headers() -> None:
+    """On a websocket, ``websocket.headers`` shows the generated id, as ctx.request_id."""
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json(
+            {"header": websocket.headers["x-request-id"], "ctx": get_context().request_id}
+        )
+        await websocket.close()
+
+    app = ContextMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws)]))
+    with TestClient(app) as client, client.websocket_connect("/ws") as socket:
+        seen = socket.receive_json()
+    assert seen["header"] == seen["ctx"]
+    assert len(seen["ctx"]) >= 20
+
+
+async def test_update_request_headers_off_leaves_the_request_as_sent() -> None:
+    """``update_request_headers=False``: the app sees only what the client sent."""
+    result = await request(ContextMiddleware(_seen_headers, update_request_headers=False))
+    assert result.json() == {}
+
+
+async def test_an_id_validator_refuses_ids_it_does_not_accept() -> None:
+    """``id_validator`` (UUIDs only, as asgi-correlation-id checks by default): other ids are
+    replaced; a validator that raises refuses the id rather than answering 500."""
+    import uuid
+
+    def uuid_only(value: str) -> bool:
+        return uuid.UUID(value).version == 4  # raises ValueError for non-UUIDs
+
+    app = ContextMiddleware(echo_app, id_validator=uuid_only)
+    good = str(uuid.uuid4())
+    accepted = await request(app, headers=[hdr("X-Request-ID", good)])
+    refused = await request(app, headers=[hdr("X-Request-ID", VALID_RID)])
+    assert accepted.json()["request_id"] == good
+    assert refused.status == 200
+    assert refused.json()["request_id"] != VALID_RID
+
+
+async def test_an_id_generator_makes_the_ids_of_requests_that_bring_none() -> None:
+    """``id_generator`` is called for each request without an acceptable id."""
+    import uuid
+
+    app = ContextMiddleware(echo_app, id_generator=lambda: str(uuid.uuid4()))
+    first, second = (await request(app)).json(), (await request(app)).json()
+    assert uuid.UUID(first["request_id"]).version == 4
+    assert first["request_id"] != second["request_id"]
+    assert first["correlation_id"] == first["request_id"]
+
+
+@pytest.mark.parametrize(
+    "generator", [lambda: "not an id!", lambda: "", lambda: 5, "uuid4"], ids=str
+)
+def test_a_generator_that_makes_bad_ids_is_refused_at_construction(generator: Any) -> None:
+    """A generator whose ids would break the headers is a ConfigurationError at start-up."""
+    with pytest.raises(ConfigurationError, match="id_generator"):
+        ContextMiddleware(echo_app, id_generator=generator)
+
+
+async def test_reject_invalid_ids_answers_400_and_never_echoes_the_value() -> None:
+    """``reject_invalid_ids``: a refused incoming id is a 400 invalid_request naming the
+    header, with generated ids on the response; a valid one passes."""
+    app = ContextMiddleware(echo_app, reject_invalid_ids=True)
+    refused = await request(app, headers=[hdr("X-Correlation-ID", "evil<script>")])
+    assert refused.status == 400
+    assert refused.json()["error"] == "invalid_request"
+    assert "X-Correlation-ID" in refused.json()["error_description"]
+    assert b"evil" not in refused.body
+    assert len(refused.header("x-request-id")) >= 20
+    ok = await request(app, headers=[hdr("X-Correlation-ID", VALID_RID)])
+    assert ok.status == 200
+    assert ok.json()["correlation_id"] == VALID_RID

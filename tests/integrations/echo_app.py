@@ -39,11 +39,15 @@ async def _echo(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
-app = ContextMiddleware(_echo, trust_incoming_baggage=True)
+# ``/headers`` reports what came over the wire, so the request headers are left as sent.
+app = ContextMiddleware(_echo, trust_incoming_baggage=True, update_request_headers=False)
 
 #: The same service configured with other id header names (``/custom/...`` on the server).
 custom = ContextMiddleware(
-    _echo, request_id_header="X-Amzn-Request-Id", correlation_id_header="Request-Chain"
+    _echo,
+    request_id_header="X-Amzn-Request-Id",
+    correlation_id_header="Request-Chain",
+    update_request_headers=False,
 )
 
 
