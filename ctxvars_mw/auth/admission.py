@@ -93,10 +93,9 @@ class Admission:
     ) -> tuple[CallerTemplate, str | None]:
         """The caller's context template, and the websocket subprotocol to accept with (the
         ``bearer`` marker exactly as the client offered it, when the token came that way).
-        Raises the HTTP error that refuses the request. Without an authenticator there is
-        nothing to admit: every caller is :attr:`anonymous`."""
-        if self.authenticator is None:
-            return self.anonymous, None
+        Raises the HTTP error that refuses the request. Only for an admission with an
+        authenticator: without one every caller is :attr:`anonymous`, and ContextMiddleware
+        does not call this."""
         token, subprotocol = self.token(scope, authorization)
         identity = await self.identify(scope, token)
         if identity is None:
