@@ -8,9 +8,10 @@ Three ways in, pick one:
   third-party libraries', records handled by handlers you do not configure) carries the ids.
 * :func:`structlog_processor` — a structlog processor that adds the ids to the event dict.
 
-The fields are ``request_id``, ``correlation_id``, ``user_id``, ``tier`` and
-``operation_depth`` (``"-"`` outside a request for stdlib records). Only ids are added: never a
-token, claim, session id or metadata value.
+The fields are ``request_id``, ``parent_request_id``, ``correlation_id``, ``user_id``, ``tier``
+and ``operation_depth``. For stdlib records they hold ``"-"`` outside a request, and
+``parent_request_id`` holds it too in a context that has no parent (a request; a child context
+or a Celery task has one). Only ids are added: never a token, claim, session id or metadata value.
 """
 
 from __future__ import annotations
@@ -32,16 +33,25 @@ __all__ = [
 ]
 
 #: The record attributes this module sets.
-CONTEXT_FIELDS = ("request_id", "correlation_id", "user_id", "tier", "operation_depth")
+CONTEXT_FIELDS = (
+    "request_id",
+    "parent_request_id",
+    "correlation_id",
+    "user_id",
+    "tier",
+    "operation_depth",
+)
 
 
 def _annotate(record: logging.LogRecord, default: str = "-", id_length: int | None = None) -> None:
     ctx = get_context_or_none()
     if ctx is None:
-        record.request_id = record.correlation_id = record.user_id = record.tier = default
-        record.operation_depth = default
+        record.request_id = record.parent_request_id = record.correlation_id = default
+        record.user_id = record.tier = record.operation_depth = default
     else:
+        parent = ctx.parent_request_id
         record.request_id = ctx.request_id[:id_length]
+        record.parent_request_id = default if parent is None else parent[:id_length]
         record.correlation_id = ctx.correlation_id[:id_length]
         record.user_id = ctx.user_id
         record.tier = ctx.tier.value
@@ -51,8 +61,9 @@ def _annotate(record: logging.LogRecord, default: str = "-", id_length: int | No
 class ContextLogFilter(logging.Filter):
     """A logging filter that adds the current context's ids to each record (never drops one).
 
-    ``default_value`` (``"-"``) is what the fields hold outside a request; ``id_length``
-    (None: whole ids) shortens ``request_id`` and ``correlation_id`` for compact log lines.
+    ``default_value`` (``"-"``) is what the fields hold outside a request (and
+    ``parent_request_id`` in a context without a parent); ``id_length`` (None: whole ids)
+    shortens ``request_id``, ``parent_request_id`` and ``correlation_id`` for compact log lines.
     Both can be given in ``dictConfig`` next to ``"()"``. Values already set on the record
     (by the record factory, say) are kept.
     """
@@ -141,7 +152,8 @@ def structlog_processor(
 ) -> MutableMapping[str, Any]:
     """A structlog processor: add the current context's ids to the event dict.
 
-    Outside a request it adds nothing. Keys the event already has are kept. structlog itself
+    Outside a request it adds nothing; ``parent_request_id`` is None in a context without a
+    parent. Keys the event already has are kept. structlog itself
     is not imported (processors are plain callables), so this works with the ``structlog``
     extra installed or not::
 
@@ -151,6 +163,7 @@ def structlog_processor(
     if ctx is not None:
         setdefault = event_dict.setdefault
         setdefault("request_id", ctx.request_id)
+        setdefault("parent_request_id", ctx.parent_request_id)
         setdefault("correlation_id", ctx.correlation_id)
         setdefault("user_id", ctx.user_id)
         setdefault("tier", ctx.tier.value)

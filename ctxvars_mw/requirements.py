@@ -7,7 +7,8 @@ at construction.
 
 Each denial emits one record on the ``ctxvars_mw.audit`` logger (INFO for 401, WARNING for
 403) with the attributes ``audit_event``, ``check``, ``match``, ``status``, ``required``,
-``held``, ``user_id``, ``request_id``, ``correlation_id``, ``tier`` and ``operation_depth`` —
+``held`` and the fields of :data:`ctxvars_mw.logging.CONTEXT_FIELDS` (``user_id``,
+``request_id``, ``parent_request_id``, ``correlation_id``, ``tier``, ``operation_depth``) —
 ids and names only, never a token, claim or secret.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 from .context import UserExecutionContext
 from .current import get_context_or_none
 from .errors import AuthenticationRequiredError, ConfigurationError, PermissionDeniedError
+from .logging import CONTEXT_FIELDS
 from .policy import check_name, check_permission
 from .tier import Tier
 
@@ -264,12 +266,11 @@ def audit_denial(
 def _audit_ids(ctx: UserExecutionContext | None) -> dict[str, Any]:
     """The ids of the denied context (dashes when there is none)."""
     if ctx is None:
-        return dict.fromkeys(
-            ("user_id", "request_id", "correlation_id", "tier", "operation_depth"), "-"
-        )
+        return dict.fromkeys(CONTEXT_FIELDS, "-")
     return {
         "user_id": ctx.user_id,
         "request_id": ctx.request_id,
+        "parent_request_id": ctx.parent_request_id or "-",
         "correlation_id": ctx.correlation_id,
         "tier": ctx.tier.value,
         "operation_depth": ctx.operation_depth,

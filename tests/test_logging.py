@@ -441,3 +441,40 @@ def test_filter_options_work_from_dictconfig() -> None:
     (installed,) = handler.filters
     assert installed.default_value == "none"  # type: ignore[union-attr]
     logging.getLogger("ctxvars_mw.tests.dictconfig").handlers.clear()
+
+
+def test_parent_request_id_is_the_parents_in_a_child_and_the_default_at_the_root() -> None:
+    """A child's records carry its parent's request id, shortened by ``id_length`` like the
+    other ids; a root context and no context at all give ``default_value``."""
+    child = CTX.child("agent.plan")
+    seen = {}
+    for name, ctx in (("child", child), ("root", CTX), ("none", None)):
+        record = _record()
+        if ctx is None:
+            ContextLogFilter(default_value="?", id_length=6).filter(record)
+        else:
+            with use_context(ctx):
+                ContextLogFilter(default_value="?", id_length=6).filter(record)
+        seen[name] = record.parent_request_id  # type: ignore[attr-defined]
+    assert seen == {"child": CTX.request_id[:6], "root": "?", "none": "?"}
+
+
+def test_record_factory_and_structlog_carry_the_parent_request_id(
+    restore_factory: None,
+) -> None:
+    """The record factory puts ``parent_request_id`` on every record ("-" at the root); the
+    structlog processor adds it as the id, or None at the root."""
+    child = CTX.child("tool.search")
+    install_record_factory()
+    with use_context(child):
+        inside = _record()
+    with use_context(CTX):
+        root = _record()
+    assert inside.parent_request_id == CTX.request_id  # type: ignore[attr-defined]
+    assert root.parent_request_id == "-"  # type: ignore[attr-defined]
+    with use_context(child):
+        event = structlog_processor(None, "info", {"event": "x"})
+    with use_context(CTX):
+        root_event = structlog_processor(None, "info", {"event": "x"})
+    assert event["parent_request_id"] == CTX.request_id
+    assert root_event["parent_request_id"] is None

@@ -530,6 +530,19 @@ def test_anonymous_denial_is_audited_at_info(caplog: pytest.LogCaptureFixture) -
     assert record.status == 401  # type: ignore[attr-defined]
     assert record.user_id == "anonymous"  # type: ignore[attr-defined]
     assert record.required == ["admin"]  # type: ignore[attr-defined]
+    assert record.parent_request_id == "-"  # type: ignore[attr-defined]
+
+
+def test_denial_in_a_child_context_audits_its_parent_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The audit record carries the same fields as the log filter: a child's parent id too."""
+    caplog.set_level(logging.INFO, logger="ctxvars_mw.audit")
+    parent = context(roles={"user"})
+    with use_context(parent.child("tool.search")), pytest.raises(PermissionDeniedError):
+        guarded(requires_role("admin"), "sync")()
+    [record] = audit_records(caplog)
+    assert record.parent_request_id == parent.request_id  # type: ignore[attr-defined]
 
 
 def test_passing_checks_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
