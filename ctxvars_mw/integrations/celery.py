@@ -10,18 +10,31 @@ Set up once per app::
 * **Publishing.** A ``before_task_publish`` signal handler signs the current context with
   :func:`ctxvars_mw.envelope.dumps` and puts it in the message headers (``ctxvars_envelope``).
   A signal catches every way a task is sent (``delay``, ``apply_async``, ``send_task``, canvas
-  primitives, retries), even from a process that does not import the task. Outside a context
-  nothing is added.
+  primitives, retries), even from a process that does not import the task.
+* **Publishing outside a context** (a script, a beat schedule, a worker's start-up code) signs
+  a fresh :meth:`~ctxvars_mw.UserExecutionContext.anonymous` context instead: user
+  ``"anonymous"``, ``is_authenticated`` False, tier FREE, no roles, permissions, scopes or
+  features, and new ids, its ``correlation_id`` included. The task and every task it publishes
+  share that correlation id, so their logs correlate, and none of them holds any right. An
+  envelope the publisher put in ``headers=`` itself is kept in that case.
 * **Running.** :class:`ContextTask` (the app's task base class) verifies the envelope with
-  :func:`ctxvars_mw.envelope.loads`, makes the context current for the task body and resets it
-  with its token afterwards, so nothing leaks into the next task on the same worker process or
-  thread. A tampered, wrong-secret or expired envelope fails the task with
+  :func:`ctxvars_mw.envelope.loads` and runs the task body in a child of the envelope's context
+  (see :func:`task_context`): a new ``request_id``, ``parent_request_id`` the publisher's
+  ``request_id``, the same ``correlation_id`` and user. It resets the context with its token
+  afterwards, so nothing leaks into the next task on the same worker process or thread. A
+  tampered, wrong-secret or expired envelope fails the task with
   ``InvalidTokenError``/``ExpiredTokenError`` before the body runs (a signal handler could not
-  fail it: Celery logs and swallows errors raised by signal receivers). Tasks the worker runs
-  inside a context publish their own sub-tasks with it, so the context follows a chain of hops.
+  fail it: Celery logs and swallows errors raised by signal receivers). A task publishes its
+  own sub-tasks in its context, so a chain ``request → task → task`` has one correlation id and
+  each hop's ``parent_request_id`` is the previous hop's ``request_id``. A message without an
+  envelope (published by a process that did not call :func:`install`) runs without a context.
+* **Retries.** ``self.retry()`` re-publishes the task in its *publisher's* context, not in the
+  failed attempt's: every attempt is a sibling, with a ``request_id`` of its own and the same
+  ``parent_request_id`` and ``correlation_id`` as the first (Celery keeps the task id).
 * **Eager mode** (``task_always_eager``, ``task.apply()``): no message is published, so
-  :class:`ContextTask` signs the caller's context into the request headers itself; the task runs
-  in the envelope's context exactly as on a worker, and the caller's context is untouched after.
+  :class:`ContextTask` signs the caller's context (or an anonymous one) into the request
+  headers itself; the task runs in a child of the envelope's context exactly as on a worker,
+  and the caller's context is untouched after.
 
 ``expires_in`` (default one hour) bounds how long a queued task may wait: a task that starts
 later fails with ``ExpiredTokenError`` — raise it for tasks scheduled far ahead (``eta``).
@@ -43,13 +56,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task, current_app
 from celery.signals import before_task_publish
 
+from ..context import UserExecutionContext, evolve
 from ..current import get_context_or_none, reset_frame, set_context
 from ..envelope import (
     DEFAULT_LEEWAY,
@@ -62,11 +77,18 @@ from ..envelope import (
     loads,
 )
 from ..errors import ConfigurationError, InvalidTokenError
+from ..ids import generate_id
 
-__all__ = ["ENVELOPE_HEADER", "ContextTask", "install"]
+__all__ = ["ENVELOPE_HEADER", "ContextTask", "install", "task_context"]
 
 #: The message header that carries the signed context.
 ENVELOPE_HEADER = "ctxvars_envelope"
+
+# The envelope's context of the task attempt running in this thread (its publisher's), for
+# retry() to re-publish with.
+_publisher: ContextVar[UserExecutionContext | None] = ContextVar(
+    "ctxvars_mw.celery.publisher", default=None
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,13 +150,42 @@ def _publishing_settings() -> _Settings | None:
 
 
 def _attach_envelope(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """``before_task_publish`` receiver: sign the current context into the message headers."""
-    ctx = get_context_or_none()
-    if ctx is None or headers is None:
-        return
+    """``before_task_publish`` receiver: sign the publishing context into the message headers."""
     settings = _publishing_settings()
-    if settings is not None:
-        headers[ENVELOPE_HEADER] = dumps(ctx, settings.secret, expires_in=settings.expires_in)
+    if headers is None or settings is None:
+        return
+    ctx = get_context_or_none()
+    if ctx is None:
+        if ENVELOPE_HEADER in headers:  # set by the publisher in headers=
+            return
+        ctx = UserExecutionContext.anonymous()
+    headers[ENVELOPE_HEADER] = _sign(ctx, settings)
+
+
+def _sign(ctx: UserExecutionContext, settings: _Settings) -> str:
+    return dumps(ctx, settings.secret, expires_in=settings.expires_in)
+
+
+def task_context(publisher: UserExecutionContext) -> UserExecutionContext:
+    """The context a task body runs in: a child of its ``publisher``'s context.
+
+    A new ``request_id``, ``parent_request_id`` set to the publisher's ``request_id`` and
+    ``created_at`` set to now; everything else is the publisher's: the user and their rights,
+    ``correlation_id``, ``thread_id``/``run_id``, ``trace_id``, ``websocket_client_id`` (so a
+    task can still address the client whose request published it) and the metadata.
+
+    This is narrower than :meth:`~ctxvars_mw.UserExecutionContext.child`, which also names an
+    operation and counts one level of ``operation_depth`` towards its limit of
+    :data:`~ctxvars_mw.context.MAX_OPERATION_DEPTH`: a task is the same operation carried on
+    elsewhere, and a chain of tasks (a task that re-schedules itself, a paginated crawl) may be
+    longer than ten hops. ``operation`` and ``operation_depth`` are kept as published.
+    """
+    return evolve(
+        publisher,
+        request_id=generate_id(),
+        parent_request_id=publisher.request_id,
+        created_at=datetime.now(UTC),
+    )
 
 
 def _envelope_of(request: Any) -> str | None:
@@ -153,21 +204,55 @@ class ContextTask(Task):  # type: ignore[misc]
     """A Celery task base class that runs the task body in the publisher's context."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task inside the context of its envelope (if it has one), then reset it."""
+        """Run the task in a child of its envelope's context (if it has one), then reset it."""
         envelope = _envelope_of(self.request)
         if envelope is None:
             return super().__call__(*args, **kwargs)
-        settings = _settings.get(self._get_app())
-        if settings is None:
-            raise ConfigurationError("ctxvars_mw.integrations.celery.install() was not called")
-        ctx = loads(
+        settings = self._ctxvars_settings()
+        publisher = loads(
             envelope, settings.secrets, leeway=settings.leeway, replay_store=settings.replay_store
         )
-        token = set_context(ctx)
+        frame = set_context(task_context(publisher))
+        mark = _publisher.set(publisher)
         try:
             return super().__call__(*args, **kwargs)
         finally:
-            reset_frame(token)
+            _publisher.reset(mark)
+            reset_frame(frame)
+
+    def _ctxvars_settings(self) -> _Settings:
+        settings = _settings.get(self._get_app())
+        if settings is None:
+            raise ConfigurationError("ctxvars_mw.integrations.celery.install() was not called")
+        return settings
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Re-publish the task in its publisher's context, so the next attempt is a sibling of
+        this one (same ``parent_request_id`` and ``correlation_id``, a new ``request_id``)."""
+        publisher = _publisher.get()
+        if publisher is None:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        # The envelope goes in the headers for an eager retry (applied after this attempt has
+        # returned, in the caller's context); a worker's publish signs the context set here.
+        headers = options.pop("headers", None) or self.request.headers or {}
+        headers = {**headers, ENVELOPE_HEADER: _sign(publisher, self._ctxvars_settings())}
+        frame = set_context(publisher)
+        try:
+            return super().retry(
+                args, kwargs, exc, throw, eta, countdown, max_retries, headers=headers, **options
+            )
+        finally:
+            reset_frame(frame)
 
     def apply(
         self,
@@ -183,12 +268,12 @@ class ContextTask(Task):  # type: ignore[misc]
         headers: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        """Run eagerly; the envelope of the caller's context goes in the request headers."""
-        ctx = get_context_or_none()
+        """Run eagerly; the envelope of the caller's context (or of an anonymous one, outside
+        any context) goes in the request headers."""
         settings = _settings.get(self._get_app())
-        if ctx is not None and settings is not None and ENVELOPE_HEADER not in (headers or {}):
-            envelope = dumps(ctx, settings.secret, expires_in=settings.expires_in)
-            headers = {**(headers or {}), ENVELOPE_HEADER: envelope}
+        if settings is not None and ENVELOPE_HEADER not in (headers or {}):
+            ctx = get_context_or_none() or UserExecutionContext.anonymous()
+            headers = {**(headers or {}), ENVELOPE_HEADER: _sign(ctx, settings)}
         return super().apply(
             args, kwargs, link, link_error, task_id, retries, throw, logfile, loglevel,
             headers=headers, **options,
