@@ -20,14 +20,16 @@ Set up once per app::
 * **Running.** :class:`ContextTask` (the app's task base class) verifies the envelope with
   :func:`ctxvars_mw.envelope.loads` and runs the task body in a child of the envelope's context
   (see :func:`task_context`): a new ``request_id``, ``parent_request_id`` the publisher's
-  ``request_id``, the same ``correlation_id`` and user. It resets the context with its token
-  afterwards, so nothing leaks into the next task on the same worker process or thread. A
-  tampered, wrong-secret or expired envelope fails the task with
+  ``request_id``, the same ``correlation_id`` and user. The context stays current while Celery
+  publishes the task's callbacks and the rest of its chain, then is reset with its token
+  (``task_postrun``), so nothing leaks into the next task on the same worker process or
+  thread. A tampered, wrong-secret or expired envelope fails the task with
   ``InvalidTokenError``/``ExpiredTokenError`` before the body runs (a signal handler could not
   fail it: Celery logs and swallows errors raised by signal receivers). A task publishes its
-  own sub-tasks in its context, so a chain ``request → task → task`` has one correlation id and
-  each hop's ``parent_request_id`` is the previous hop's ``request_id``. A message without an
-  envelope (published by a process that did not call :func:`install`) runs without a context.
+  own sub-tasks (and Celery its ``chain`` successors) in its context, so a chain ``request →
+  task → task`` has one correlation id and each hop's ``parent_request_id`` is the previous
+  hop's ``request_id``. A message without an envelope (published by a process that did not
+  call :func:`install`) runs without a context.
 * **Retries.** ``self.retry()`` re-publishes the task in its *publisher's* context, not in the
   failed attempt's: every attempt is a sibling, with a ``request_id`` of its own and the same
   ``parent_request_id`` and ``correlation_id`` as the first (Celery keeps the task id).
@@ -56,16 +58,16 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery, Task, current_app
-from celery.signals import before_task_publish
+from celery.signals import before_task_publish, task_postrun
 
 from ..context import UserExecutionContext, evolve
-from ..current import get_context_or_none, reset_frame, set_context
+from ..current import FrameToken, get_context_or_none, reset_frame, set_context
 from ..envelope import (
     DEFAULT_LEEWAY,
     ReplayStore,
@@ -88,6 +90,12 @@ ENVELOPE_HEADER = "ctxvars_envelope"
 # retry() to re-publish with.
 _publisher: ContextVar[UserExecutionContext | None] = ContextVar(
     "ctxvars_mw.celery.publisher", default=None
+)
+_Tokens = tuple[FrameToken, Token[UserExecutionContext | None]]
+# The task runs of this thread whose context is still current, innermost last, with the tokens
+# that restore what was current before them (see ContextTask.__call__).
+_finishing: ContextVar[tuple[tuple[str, _Tokens], ...]] = ContextVar(
+    "ctxvars_mw.celery.finishing", default=()
 )
 
 
@@ -139,6 +147,7 @@ def install(
         replay_store,
     )
     before_task_publish.connect(_attach_envelope, weak=False, dispatch_uid=__name__)
+    task_postrun.connect(_end_task_context, weak=False, dispatch_uid=__name__)
 
 
 def _publishing_settings() -> _Settings | None:
@@ -188,6 +197,16 @@ def task_context(publisher: UserExecutionContext) -> UserExecutionContext:
     )
 
 
+def _end_task_context(task_id: str | None = None, **_: Any) -> None:
+    """``task_postrun`` receiver: restore what was current before the task's context."""
+    running = _finishing.get()
+    if running and running[-1][0] == task_id:
+        _finishing.set(running[:-1])
+        frame, publisher = running[-1][1]
+        _publisher.reset(publisher)
+        reset_frame(frame)
+
+
 def _envelope_of(request: Any) -> str | None:
     """The message's envelope; None when it has none; InvalidTokenError when it is not a str."""
     value = getattr(request, ENVELOPE_HEADER, None)
@@ -204,7 +223,13 @@ class ContextTask(Task):  # type: ignore[misc]
     """A Celery task base class that runs the task body in the publisher's context."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task in a child of its envelope's context (if it has one), then reset it."""
+        """Make a child of the envelope's context (if there is one) current, and run the task.
+
+        The context stays current after the body returns, until Celery has finished with the
+        task (``task_postrun``): the callbacks, the rest of a ``chain`` and the errbacks that
+        Celery publishes after the body are children of the task, as the sub-tasks it
+        publishes itself are. Then what was current before is restored.
+        """
         envelope = _envelope_of(self.request)
         if envelope is None:
             return super().__call__(*args, **kwargs)
@@ -212,13 +237,9 @@ class ContextTask(Task):  # type: ignore[misc]
         publisher = loads(
             envelope, settings.secrets, leeway=settings.leeway, replay_store=settings.replay_store
         )
-        frame = set_context(task_context(publisher))
-        mark = _publisher.set(publisher)
-        try:
-            return super().__call__(*args, **kwargs)
-        finally:
-            _publisher.reset(mark)
-            reset_frame(frame)
+        tokens = (set_context(task_context(publisher)), _publisher.set(publisher))
+        _finishing.set((*_finishing.get(), (self.request.id, tokens)))
+        return super().__call__(*args, **kwargs)
 
     def _ctxvars_settings(self) -> _Settings:
         settings = _settings.get(self._get_app())

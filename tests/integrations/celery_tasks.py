@@ -106,6 +106,26 @@ def hop(remaining: int, marker: str) -> dict[str, Any]:
     return {**_ids(), "next": following}
 
 
+@app.task
+def step(previous: list[dict[str, Any]] | None, marker: str) -> list[dict[str, Any]]:
+    """A link of a Celery ``chain``: the ids of the links before, then this one's."""
+    log.info("step %s", marker)
+    return [*(previous or []), _ids()]
+
+
+@app.task
+def fail(marker: str) -> None:
+    """Log a line and fail, for a ``link_error`` callback to run."""
+    log.info("fail %s", marker)
+    raise ValueError("this task fails")
+
+
+@app.task
+def on_failure(request: Any, exc: Any, traceback: Any, marker: str) -> None:
+    """An errback: log a line with the context it runs in."""
+    log.info("errback %s", marker)
+
+
 @app.task(bind=True, max_retries=3, default_retry_delay=0)
 def flaky(self: ContextTask, failures: int, marker: str) -> dict[str, Any]:
     """Log each attempt; retry until ``failures`` attempts have failed, then return the ids."""

@@ -201,6 +201,35 @@ def test_request_task_task_task_chain_links_each_hop_to_the_previous(worker: Wor
     assert [{k: r[k] for k in fields} for r in records] == [{k: h[k] for k in fields} for h in hops]
 
 
+def test_a_celery_chain_and_errback_run_as_children_of_the_task_before_them(
+    worker: Worker,
+) -> None:
+    """Celery publishes the next link of a ``chain`` after the task body has returned: each is
+    still a child of the task before it. An errback taking ``(request, exc, traceback)``, which
+    Celery calls inline after the failure, runs in the failed task's context. The worker's next
+    task starts clean."""
+    from celery import chain
+
+    marker = _marker()
+    with use_context(CTX):
+        result = chain(tasks.step.s(None, marker), tasks.step.s(marker), tasks.step.s(marker))()
+        failing = tasks.fail.apply_async((marker,), link_error=tasks.on_failure.s(marker))
+    hops = result.get(timeout=TIMEOUT)
+    assert len(hops) == 3
+    _assert_linked(hops, CTX.request_id, CTX.correlation_id)
+    with pytest.raises(ValueError, match="this task fails"):
+        failing.get(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while len(worker.task_records(marker)) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the errback is queued after the failure is stored
+    by_message = {r["message"]: r for r in worker.task_records(marker)}
+    failed, errback = by_message[f"fail {marker}"], by_message[f"errback {marker}"]
+    assert errback == {**failed, "message": f"errback {marker}"}
+    assert errback["correlation_id"] == CTX.correlation_id
+    after = tasks.whoami.delay().get(timeout=TIMEOUT)
+    assert after["user_id"] == "anonymous"
+
+
 def test_task_published_outside_a_context_gets_an_anonymous_root_context(
     worker: Worker,
 ) -> None:
@@ -308,6 +337,7 @@ def test_eager_mode_runs_the_task_in_a_child_of_the_callers_context() -> None:
             applied = tasks.whoami.apply().get()
             assert get_context_or_none() is ctx
         outside = tasks.whoami.apply().get()
+        assert get_context_or_none() is None  # nothing left current after the task
     finally:
         tasks.app.conf.task_always_eager = False
     _assert_child_of(eager, CTX)
