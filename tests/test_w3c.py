@@ -27,13 +27,32 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN_ID = "00f067aa0ba902b7"
 
 
+# Every character the tracestate grammar allows in a key and in a value.
+ALL_KEY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_-*/"
+ALL_VALUE_CHARS = "".join(
+    chr(c) for c in [*range(0x20, 0x2C), *range(0x2D, 0x3D), *range(0x3E, 0x7F)]
+)
+
+
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
         ("rojo=00f067aa0ba902b7", "rojo=00f067aa0ba902b7"),
         (" rojo=1 ,, congo=t61rcWkgMzE\t", "rojo=1,congo=t61rcWkgMzE"),
+        ("foo=1 \t , \t bar=2, \t baz=3", "foo=1,bar=2,baz=3"),
+        ("foo=1\t \t,\t \tbar=2,\t \tbaz=3", "foo=1,bar=2,baz=3"),
+        ("\t foo=1 \t", "foo=1"),
         ("tenant1@vendor=x y", "tenant1@vendor=x y"),
         (b"a/b*c_d-e=v", "a/b*c_d-e=v"),
+        ("z" * 256 + "=1", "z" * 256 + "=1"),  # the longest simple key
+        ("t" * 241 + "@" + "v" * 14 + "=1", "t" * 241 + "@" + "v" * 14 + "=1"),
+        ("0tenant@v=1", "0tenant@v=1"),  # a tenant id may start with a digit
+        (f"{ALL_KEY_CHARS}={ALL_VALUE_CHARS}", f"{ALL_KEY_CHARS}={ALL_VALUE_CHARS}"),
+        (
+            f"{ALL_KEY_CHARS}@a-z0-9_-*/={ALL_VALUE_CHARS}",
+            f"{ALL_KEY_CHARS}@a-z0-9_-*/={ALL_VALUE_CHARS}",
+        ),
+        ("rojo=" + "x" * 256, "rojo=" + "x" * 256),  # the longest value
     ],
 )
 def test_valid_tracestate_is_normalized(raw: str | bytes, expected: str) -> None:
@@ -45,13 +64,27 @@ def test_valid_tracestate_is_normalized(raw: str | bytes, expected: str) -> None
     "raw",
     [
         "",
+        " , \t,",
         "Rojo=1",  # keys are lowercase
-        "rojo=1,rojo=2",  # duplicate key
+        "FOO=1",
+        "foo =1",  # no blank between key and "="
+        "foo.bar=1",  # "." is not a key character
         "rojo",  # no value
         "rojo=a=b",  # '=' is not allowed in a value
+        "foo=bar=baz",
+        "foo=,bar=3",  # an empty value
         "rojo=a\x01b",  # no control characters
+        "rojo=ends-in-blank \x00",
         "1abc=x",  # simple keys start with a letter
         "t@Vendor=x",  # system ids are lowercase
+        "foo@=1,bar=2",  # an empty system id
+        "@foo=1,bar=2",  # an empty tenant id
+        "foo@@bar=1,bar=2",
+        "foo@bar@baz=1,bar=2",
+        "t@1system=1",  # system ids start with a letter
+        "foo=1," + "z" * 257 + "=1",  # simple key longer than 256
+        "foo=1," + "t" * 242 + "@v=1",  # tenant id longer than 241
+        "foo=1,t@" + "v" * 15 + "=1",  # system id longer than 14
         ",".join(f"k{i}=v" for i in range(33)),  # more than 32 members
         "rojo=" + "x" * 257,  # value longer than 256
         "rojo=caf\u00e9",
@@ -61,6 +94,40 @@ def test_valid_tracestate_is_normalized(raw: str | bytes, expected: str) -> None
 def test_invalid_tracestate_is_ignored_whole(raw: str | bytes) -> None:
     """Any invalid member makes the whole header invalid: it is ignored, never an error."""
     assert parse_tracestate(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("foo=1,foo=1", "foo=1"),
+        ("foo=1,foo=2", "foo=1"),
+        ("foo=1,bar=2,foo=3,baz=4", "foo=1,bar=2,baz=4"),
+        ("a@x=1,a@x=2,a@y=3", "a@x=1,a@y=3"),
+    ],
+)
+def test_repeated_tracestate_keys_keep_their_first_member(raw: str, expected: str) -> None:
+    """A duplicated key is dropped, not the header: the first member of each key is kept."""
+    assert parse_tracestate(raw) == expected
+
+
+def test_tracestate_holds_at_most_32_distinct_members() -> None:
+    """32 members are kept; a 33rd invalidates the header; repeats do not count twice."""
+    members = [f"bar{i:02d}={i:02d}" for i in range(1, 33)]
+    assert parse_tracestate(",".join(members)) == ",".join(members)
+    assert parse_tracestate(",".join([*members, "bar33=33"])) is None
+    assert parse_tracestate(",".join([*members, "bar01=again"])) == ",".join(members)
+
+
+def test_tracestate_over_512_characters_drops_long_members_then_the_last() -> None:
+    """Past 512 characters, members over 128 characters go first, then members from the end."""
+    long = "big=" + "x" * 200
+    short = [f"k{i:02d}=" + "v" * 40 for i in range(12)]  # 44 characters each
+    state = parse_tracestate(",".join([short[0], long, *short[1:]]))
+    assert state is not None
+    assert len(state) <= 512
+    assert long not in state
+    assert state == ",".join(short[:11])  # 11 fit in 512, the 12th (the last) is dropped
+    assert parse_tracestate(",".join([long, *short[:6]])) == ",".join([long, *short[:6]])
 
 
 def test_baggage_members_are_decoded_and_invalid_ones_skipped() -> None:
