@@ -11,15 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ctxvars_mw import ConfigurationError, ContextMiddleware, get_context, w3c
+from ctxvars_mw.auth.admission import REPEATED
 from ctxvars_mw.types import Receive, Scope, Send
 from ctxvars_mw.w3c import (
+    NO_TRACE,
+    RANDOM_TRACE_ID,
+    SAMPLED,
     format_baggage,
+    format_traceparent,
     incoming_metadata,
     is_trace_id,
     parse_baggage,
     parse_traceparent,
     parse_tracestate,
     trace_id_of,
+    trace_of,
 )
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -302,6 +308,49 @@ def test_parse_traceparent_valid() -> None:
 def test_parse_traceparent_future_version_may_carry_more_fields() -> None:
     """A version above 00 may append ``-…`` fields, which are ignored."""
     assert parse_traceparent(f"01-{TRACE_ID}-{SPAN_ID}-00-more") == (TRACE_ID, SPAN_ID, "00")
+    assert parse_traceparent(f"cc-{TRACE_ID}-{SPAN_ID}-01") == (TRACE_ID, SPAN_ID, "01")
+    future = f"cc-{TRACE_ID}-{SPAN_ID}-01-what-the-future-will-be-like"
+    assert parse_traceparent(future) == (TRACE_ID, SPAN_ID, "01")
+
+
+@pytest.mark.parametrize("blanks", [(" ", ""), ("\t", ""), ("", " "), ("", "\t"), ("\t ", " \t")])
+def test_parse_traceparent_allows_optional_whitespace_around_it(
+    blanks: tuple[str, str],
+) -> None:
+    """Spaces and tabs around the value (HTTP's OWS) are not part of it."""
+    before, after = blanks
+    value = f"{before}00-{TRACE_ID}-{SPAN_ID}-01{after}"
+    assert parse_traceparent(value) == (TRACE_ID, SPAN_ID, "01")
+    assert trace_of(value.encode()) == (TRACE_ID, 0x01)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (f"00-{TRACE_ID}-{SPAN_ID}-00".encode(), (TRACE_ID, 0x00)),
+        (f"00-{TRACE_ID}-{SPAN_ID}-01".encode(), (TRACE_ID, 0x01)),
+        (f"00-{TRACE_ID}-{SPAN_ID}-03".encode(), (TRACE_ID, 0x03)),
+        (f"00-{TRACE_ID}-{SPAN_ID}-ff".encode(), (TRACE_ID, 0xFF)),
+        (f"cc-{TRACE_ID}-{SPAN_ID}-02-more".encode(), (TRACE_ID, 0x02)),
+        (f"00-{TRACE_ID}-{SPAN_ID}-0A".encode(), NO_TRACE),
+        (REPEATED, NO_TRACE),  # two traceparent headers: neither is trusted
+        (None, NO_TRACE),
+    ],
+)
+def test_trace_of_gives_the_trace_id_and_flags(
+    raw: bytes | None, expected: tuple[str | None, int]
+) -> None:
+    """trace_of reads the trace id and the flags byte; an invalid header gives NO_TRACE."""
+    assert trace_of(raw) == expected
+
+
+def test_formatted_traceparent_is_version_00_with_only_the_known_flags() -> None:
+    """Outgoing flags keep sampled and random-trace-id; undefined bits are sent as zero."""
+    assert format_traceparent(TRACE_ID, SPAN_ID, 0x00) == f"00-{TRACE_ID}-{SPAN_ID}-00"
+    assert format_traceparent(TRACE_ID, SPAN_ID, SAMPLED) == f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert format_traceparent(TRACE_ID, SPAN_ID, RANDOM_TRACE_ID) == f"00-{TRACE_ID}-{SPAN_ID}-02"
+    assert format_traceparent(TRACE_ID, SPAN_ID, 0xFF) == f"00-{TRACE_ID}-{SPAN_ID}-03"
+    assert format_traceparent(TRACE_ID, SPAN_ID, 0x08) == f"00-{TRACE_ID}-{SPAN_ID}-00"
 
 
 @pytest.mark.parametrize(
@@ -324,6 +373,26 @@ def test_parse_traceparent_future_version_may_carry_more_fields() -> None:
         f"00_{TRACE_ID}_{SPAN_ID}_01",
         b"\xff\xfe",
         "00-" + "a" * 600,
+        # The checks of the W3C test suite, one per way a traceparent can be wrong.
+        f"00-{TRACE_ID}-{SPAN_ID}-01.",
+        f"00-{TRACE_ID}-{SPAN_ID}-01-what-the-future-will-be-like",
+        f"cc-{TRACE_ID}-{SPAN_ID}-01.what-the-future-will-be-like",
+        f".0-{TRACE_ID}-{SPAN_ID}-01",
+        f"0.-{TRACE_ID}-{SPAN_ID}-01",
+        f"000-{TRACE_ID}-{SPAN_ID}-01",
+        f"0000-{TRACE_ID}-{SPAN_ID}-01",
+        f"0-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-.{TRACE_ID[1:]}-{SPAN_ID}-01",
+        f"00-{TRACE_ID[:-1]}.-{SPAN_ID}-01",
+        f"00-{TRACE_ID}3-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-.{SPAN_ID[1:]}-01",
+        f"00-{TRACE_ID}-{SPAN_ID[:-1]}.-01",
+        f"00-{TRACE_ID}-{SPAN_ID}7-01",
+        f"00-{TRACE_ID}-{SPAN_ID}-.0",
+        f"00-{TRACE_ID}-{SPAN_ID}-0.",
+        f"00-{TRACE_ID}-{SPAN_ID}-1",
+        f"00-{TRACE_ID}-{SPAN_ID}-0A",
+        f"00-{TRACE_ID}-{SPAN_ID}-01\n",
     ],
 )
 def test_parse_traceparent_invalid(value: str | bytes | None) -> None:
