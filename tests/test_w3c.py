@@ -1,4 +1,5 @@
-"""Incoming W3C tracestate and baggage: strict parsing, and the middleware's trust option."""
+"""W3C Trace Context and Baggage: strict parsing (the W3C test suite's checks), formatting,
+baggage that OpenTelemetry reads alike, and the middleware's trust option."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import baggage
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 
 from ctxvars_mw import ConfigurationError, ContextMiddleware, get_context, w3c
 from ctxvars_mw.auth.admission import REPEATED
@@ -425,3 +428,69 @@ def test_is_trace_id_takes_32_lowercase_hex_not_all_zero() -> None:
     assert is_trace_id(TRACE_ID)
     for bad in ("0" * 32, TRACE_ID.upper(), TRACE_ID[:31], TRACE_ID + "0", "g" * 32, None, 5):
         assert not is_trace_id(bad)
+
+
+# -- baggage between this library and OpenTelemetry ------------------------------------------
+# OpenTelemetry's W3CBaggagePropagator writes values with quote_plus (a space as "+") and reads
+# them with unquote_plus; values cross in both directions unchanged.
+
+INTEROP_VALUES = [
+    "acme corp",
+    "a+b",
+    "1 + 1 = 2",
+    "100%",
+    "50%25 off",
+    "x,y",
+    "k;v",
+    "a=b==",
+    "caf\u00e9 \u2615",
+    "\u65e5\u672c",
+    'quote " and \\ backslash',
+    "tab\tinside",
+    "%2B",
+    "",
+]
+
+
+@pytest.mark.parametrize("value", INTEROP_VALUES)
+def test_baggage_written_by_opentelemetry_reads_the_same_here(value: str) -> None:
+    """OpenTelemetry's header decodes to the value OpenTelemetry was given."""
+    carrier: dict[str, str] = {}
+    W3CBaggagePropagator().inject(carrier, context=baggage.set_baggage("tenant", value))
+    assert parse_baggage(carrier["baggage"]) == {"tenant": value}
+
+
+@pytest.mark.parametrize("value", INTEROP_VALUES)
+def test_baggage_written_here_reads_the_same_in_opentelemetry(value: str) -> None:
+    """Our header decodes, in OpenTelemetry, to the value we were given."""
+    header = format_baggage([("tenant", value), ("tier", "business")])
+    extracted = W3CBaggagePropagator().extract({"baggage": header})
+    assert baggage.get_all(extracted) == {"tenant": value, "tier": "business"}
+
+
+@given(st.text(max_size=40).filter(lambda v: v == v.strip()))
+@settings(max_examples=200)
+def test_any_baggage_value_crosses_to_and_from_opentelemetry(value: str) -> None:
+    """For any value without surrounding blanks (OpenTelemetry strips those), both directions
+    give the value back."""
+    propagator = W3CBaggagePropagator()
+    carrier: dict[str, str] = {}
+    propagator.inject(carrier, context=baggage.set_baggage("k", value))
+    assert parse_baggage(carrier["baggage"]) == {"k": value}
+    extracted = propagator.extract({"baggage": format_baggage([("k", value)])})
+    assert baggage.get_baggage("k", extracted) == value
+
+
+def test_plus_is_written_as_percent_2b_and_read_as_a_space() -> None:
+    """'+' never goes out literally (it would read as a space); an incoming '+' is a space."""
+    assert format_baggage([("tenant", "a+b c")]) == "tenant=a%2Bb%20c"
+    assert parse_baggage("tenant=acme+corp,plus=a%2Bb") == {"tenant": "acme corp", "plus": "a+b"}
+
+
+async def test_middleware_reads_opentelemetry_baggage_as_sent() -> None:
+    """A trusted caller instrumented with OpenTelemetry: its baggage arrives unchanged."""
+    carrier: dict[str, str] = {}
+    W3CBaggagePropagator().inject(carrier, context=baggage.set_baggage("tenant", "acme corp"))
+    status, ctx = await _get(True, [("baggage", carrier["baggage"])])
+    assert status == 200
+    assert ctx["audit_metadata"] == {"baggage": {"tenant": "acme corp"}}
