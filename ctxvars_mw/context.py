@@ -113,6 +113,9 @@ class UserExecutionContext(_ContextBase):
     audit_metadata: Mapping[str, Any] = EMPTY
     websocket_client_id: str | None = None
     trace_id: str | None = None
+    #: The W3C trace flags that came with ``trace_id`` (``0x01`` sampled, ``0x02`` random
+    #: trace id); 0 without a trace id.
+    trace_flags: int = 0
     operation: str | None = None
     operation_depth: int = 0
     parent_request_id: str | None = None
@@ -141,6 +144,7 @@ class UserExecutionContext(_ContextBase):
         audit_metadata: Mapping[str, Any] | None = EMPTY,
         websocket_client_id: str | None = None,
         trace_id: str | None = None,
+        trace_flags: int = 0,
         operation: str | None = None,
         operation_depth: int = 0,
         parent_request_id: str | None = None,
@@ -196,6 +200,7 @@ class UserExecutionContext(_ContextBase):
         if trace_id is not None and not is_trace_id(trace_id):
             _bad("trace_id must be 32 lowercase hex characters, not all zero")
         new.trace_id = trace_id
+        new.trace_flags = 0 if trace_flags == 0 else _check_trace_flags(trace_flags, trace_id)
         new.operation = _check_optional_text("operation", operation)
         new.operation_depth = _check_depth(operation_depth)
         new.parent_request_id = (
@@ -366,6 +371,7 @@ class UserExecutionContext(_ContextBase):
             "has_db_session": self.db_session is not None,
             "has_websocket": self.websocket_client_id is not None,
             "trace_id": self.trace_id,
+            "trace_flags": self.trace_flags,
             "created_at": self.created_at.isoformat(),
             "context_age_seconds": (_now(_UTC) - self.created_at).total_seconds(),
         }
@@ -456,10 +462,11 @@ def request_context(
     trace_id: str | None,
     websocket_client_id: str | None,
     outer: UserExecutionContext | None = None,
+    trace_flags: int = 0,
 ) -> UserExecutionContext:
     """The context of a new request by ``caller`` (the template of a validated context that
     holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the request's
-    checked ids.
+    checked ids and trace (``trace_flags`` being those of ``trace_id``).
 
     New thread and run ids are drawn, unless the request is already handled by an ``outer``
     middleware whose context they are taken from.
@@ -473,6 +480,7 @@ def request_context(
     new.request_id = request_id
     new.correlation_id = correlation_id
     new.trace_id = trace_id
+    new.trace_flags = trace_flags
     new.websocket_client_id = websocket_client_id
     new.created_at = _now(_UTC)
     return _seal(new)
@@ -576,6 +584,14 @@ def _check_created_at(value: object) -> datetime:
     if not isinstance(value, datetime) or value.tzinfo is None:
         _bad("created_at must be a timezone-aware datetime")
     return value if value.tzinfo is _UTC else value.astimezone(_UTC)
+
+
+def _check_trace_flags(value: object, trace_id: str | None) -> int:
+    if type(value) is not int or not 0 <= value <= 0xFF:
+        _bad("trace_flags must be an int from 0 to 255")
+    if trace_id is None:
+        _bad("trace_flags needs a trace_id")
+    return value
 
 
 def _check_optional_text(name: str, value: object) -> str | None:

@@ -3,8 +3,8 @@
 A request goes through five steps, each owned by one module:
 
 1. **Exchange** — the request headers are read once (:func:`read_headers`); the incoming ids
-   are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id is read
-   (:func:`ctxvars_mw.w3c.trace_id_of`); a :class:`Responder` owns the request's ``send``.
+   are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id and flags
+   are read (:func:`ctxvars_mw.w3c.trace_of`); a :class:`Responder` owns the request's ``send``.
 2. **Admission** — who the caller is and whether they may enter
    (:class:`ctxvars_mw.auth.admission.Admission`); a refusal is answered here, before the app.
 3. **Enter** — the request's context, derived from the caller's
@@ -40,7 +40,7 @@ from .policy import Policy
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
-from .w3c import incoming_metadata, trace_id_of
+from .w3c import incoming_metadata, trace_of
 
 __all__ = ["ContextMiddleware", "Responder", "Settings", "read_headers"]
 
@@ -194,7 +194,9 @@ class ContextMiddleware:
         incoming = scope["headers"]
         found = read_headers(incoming, self.settings.wanted)
         outer = request_context_for(incoming)  # a ContextMiddleware around this one
-        request_id, correlation_id, trace_id, refusal = self.request_ids(scope, found, outer)
+        request_id, correlation_id, (trace_id, flags), refusal = self.request_ids(
+            scope, found, outer
+        )
         headers = scope["headers"]  # with the ids in use (update_request_headers)
         responder = Responder(send, self.settings, request_id, correlation_id)
         ws_id = request_id if kind == "websocket" else None
@@ -206,7 +208,7 @@ class ContextMiddleware:
                 )
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
-        ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer)
+        ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer, flags)
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
             scope["headers"] = incoming
@@ -238,9 +240,9 @@ class ContextMiddleware:
 
     def request_ids(
         self, scope: Scope, found: dict[bytes, bytes], outer: UserExecutionContext | None
-    ) -> tuple[str, str, str | None, HTTPError | None]:
-        """The request's id, correlation id and trace id, and the refusal of an invalid
-        incoming id (``reject_invalid_ids``; else None).
+    ) -> tuple[str, str, tuple[str | None, int], HTTPError | None]:
+        """The request's id, correlation id and ``(trace id, trace flags)``, and the refusal
+        of an invalid incoming id (``reject_invalid_ids``; else None).
 
         Those of the request an outer ContextMiddleware handles already; else the accepted
         incoming ones, generated when absent or refused (the correlation id defaults to the
@@ -248,7 +250,8 @@ class ContextMiddleware:
         used replace the request's own id headers.
         """
         if outer is not None:
-            return outer.request_id, outer.correlation_id, outer.trace_id, None
+            trace = (outer.trace_id, outer.trace_flags)
+            return outer.request_id, outer.correlation_id, trace, None
         settings = self.settings
         raw_rid = found.get(settings.request_id_header)
         raw_cid = found.get(settings.correlation_id_header)
@@ -286,7 +289,7 @@ class ContextMiddleware:
             scope["headers"] = _with_request_ids(
                 scope["headers"], settings, request_id, correlation_id
             )
-        return request_id, correlation_id, trace_id_of(found.get(b"traceparent")), refusal
+        return request_id, correlation_id, trace_of(found.get(b"traceparent")), refusal
 
 
 def _with_request_ids(

@@ -4,12 +4,14 @@
 
 * ``X-Request-ID`` / ``X-Correlation-ID`` — the context's ``request_id`` and ``correlation_id``
   (other names with ``request_id_header=``/``correlation_id_header=``, as for the middleware).
-* ``traceparent`` — version ``00``, the context's ``trace_id`` and a **new parent id per
-  call**. A context without a trace id (no valid traceparent came in) uses one derived from
-  its ``correlation_id`` (the first 128 bits of its BLAKE2b hash), so every call made for one
-  correlated request shares one trace. Flags are ``00``: without OpenTelemetry nothing was
-  recorded. With :mod:`ctxvars_mw.integrations.otel` installed and a span active, the span's
-  trace id, span id and flags are used instead.
+* ``traceparent`` — version ``00``, the context's ``trace_id`` and ``trace_flags`` (those
+  that came in: sampled and random trace id), and a **new parent id per call**. A context
+  without a trace id (no valid traceparent came in) uses one derived from its
+  ``correlation_id`` (the first 128 bits of its BLAKE2b hash), so every call made for one
+  correlated request shares one trace; its flags are ``00``: nothing was recorded, and a trace
+  id derived from an id a caller may choose is not claimed to be random. With
+  :mod:`ctxvars_mw.integrations.otel` installed and a span active, the span's trace id, span
+  id and flags are used instead.
 * ``tracestate`` — forwarded when a trusted caller sent one with the context's trace.
 * ``baggage`` — only the allow-listed keys (:data:`DEFAULT_BAGGAGE_KEYS`: just ``tier``),
   percent-encoded, within 64 members and 8,192 bytes. Baggage reaches every host the client
@@ -39,7 +41,7 @@ from .current import get_context_or_none
 from .envelope import dumps, loads
 from .errors import ConfigurationError
 from .ids import check_id_header_names, random_hex
-from .w3c import TOKEN_RE, format_baggage
+from .w3c import TOKEN_RE, format_baggage, format_traceparent
 
 __all__ = [
     "DEFAULT_BAGGAGE_KEYS",
@@ -138,7 +140,7 @@ def _headers(
         trace_id, span_id, flags, state = span
         headers["traceparent"] = f"00-{trace_id}-{span_id}-{flags}"
     else:
-        headers["traceparent"] = f"00-{_trace_id(ctx)}-{_span_id()}-00"
+        headers["traceparent"] = format_traceparent(_trace_id(ctx), _span_id(), ctx.trace_flags)
         state = ctx.audit_metadata.get("tracestate") if ctx.trace_id is not None else None
     if isinstance(state, str) and state:
         headers["tracestate"] = state

@@ -4,15 +4,22 @@ formatting. Every trace and baggage rule of the library lives here.
 Parsing never raises: an invalid header (or, for baggage, an invalid member) is ignored, so a
 bad header can never turn a request into a 500. Raw header values are never logged.
 
-* ``traceparent`` (W3C Trace Context §3.2): ``version-trace_id-parent_id-flags``, lowercase hex;
-  version ``ff`` and all-zero ids are invalid, version ``00`` allows no trailing data.
-
-* ``tracestate`` (W3C Trace Context §3.3): up to 32 ``key=value`` members with unique keys; the
-  whole header is ignored when any member is invalid. It is only meaningful next to a valid
-  ``traceparent``.
+* ``traceparent`` (W3C Trace Context Level 2, §3.2): ``version-trace_id-parent_id-flags``,
+  lowercase hex, optional blanks around it; version ``ff`` and all-zero ids are invalid, version
+  ``00`` allows no trailing data, a later version may append ``-…`` fields (ignored). Of the
+  flags, the two the spec defines travel on — sampled (``01``) and random trace id (``02``);
+  the others are sent as zero, as the spec asks.
+* ``tracestate`` (§3.3): ``key=value`` members (simple keys ``[a-z][a-z0-9_*/-]{0,255}``,
+  multi-tenant keys ``tenant@system``), repeated headers combined in order. A repeated key
+  keeps its first member (the spec allows dropping duplicates); an invalid member, or more
+  than 32 members, makes the whole header invalid, and it is not forwarded. Over 512
+  characters, members longer than 128 characters are dropped first, then members from the end.
+  It is only meaningful next to a valid ``traceparent``.
 * ``baggage`` (W3C Baggage): ``key=value`` members with optional ``;property`` parts (dropped
-  here), values percent-decoded as UTF-8 (invalid UTF-8 becomes U+FFFD). Invalid members are
-  skipped; a header longer than 8,192 bytes is ignored; at most 64 members are kept.
+  here), values percent-decoded as UTF-8 (invalid UTF-8 becomes U+FFFD). ``+`` is read as a
+  space and written as ``%2B``, as OpenTelemetry's propagators do, so values cross between
+  them unchanged. Invalid members are skipped; a header longer than 8,192 bytes is ignored;
+  at most 64 members are kept.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote_plus
 
 from ._memo import remember
 from .frozen import FrozenMap, freeze_mapping
@@ -28,27 +35,41 @@ from .frozen import FrozenMap, freeze_mapping
 __all__ = [
     "BAGGAGE_MAX_BYTES",
     "BAGGAGE_MAX_MEMBERS",
+    "KNOWN_FLAGS",
+    "NO_TRACE",
+    "RANDOM_TRACE_ID",
+    "SAMPLED",
     "TRACESTATE_MAX_MEMBERS",
     "format_baggage",
+    "format_traceparent",
     "incoming_metadata",
     "is_trace_id",
     "parse_baggage",
     "parse_traceparent",
     "parse_tracestate",
     "trace_id_of",
+    "trace_of",
 ]
 
 BAGGAGE_MAX_MEMBERS = 64
 BAGGAGE_MAX_BYTES = 8192
 TRACESTATE_MAX_MEMBERS = 32
+#: The trace flags of Trace Context Level 2: the caller may have recorded the trace; the
+#: trace id's rightmost 7 bytes are random. Only these are propagated.
+SAMPLED = 0x01
+RANDOM_TRACE_ID = 0x02
+KNOWN_FLAGS = SAMPLED | RANDOM_TRACE_ID
+#: ``trace_of()`` of a request without a valid ``traceparent``: no trace id, no flags.
+NO_TRACE: tuple[None, int] = (None, 0)
 
 # RFC 7230 token: the baggage key.
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAGGAGE_VALUE_RE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 _BAGGAGE_MEMBER_RE = re.compile(r"([^=;\s]+)[ \t]*=[ \t]*([^;]*?)[ \t]*(?:;.*)?")
-# Every baggage-octet but "%", which must itself be encoded.
-_BAGGAGE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%')
-_needs_no_quoting = re.compile(r"[\x21\x23\x24\x26-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*").fullmatch
+# Every baggage-octet but "%", which must itself be encoded, and "+", which OpenTelemetry (and
+# so this module) reads as a space.
+_BAGGAGE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '",;\\%+')
+_needs_no_quoting = re.compile(r"[\x21\x23\x24\x26-\x2a\x2d-\x3a\x3c-\x5b\x5d-\x7e]*").fullmatch
 
 _TS_KEY_RE = re.compile(
     r"[a-z][a-z0-9_\-*/]{0,255}"
@@ -56,15 +77,20 @@ _TS_KEY_RE = re.compile(
 )
 _TS_VALUE_RE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 _TS_MAX_BYTES = 8192
+# The combined length every vendor should forward, and the members dropped first above it.
+_TS_FORWARD_CHARS = 512
+_TS_LONG_MEMBER = 128
 
 
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?")
 # The usual form (version 00, ids not all zero), matched on the raw header bytes.
 _TRACEPARENT_00 = re.compile(
-    rb"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+    rb"00-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-([0-9a-f]{2})"
 ).fullmatch
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
+_FLAG_VALUES = {b"%02x" % n: n for n in range(256)}
+_FLAG_TEXT = tuple(f"{n & KNOWN_FLAGS:02x}" for n in range(256))
 
 
 def parse_traceparent(value: str | bytes | None) -> tuple[str, str, str] | None:
@@ -89,15 +115,26 @@ def parse_traceparent(value: str | bytes | None) -> tuple[str, str, str] | None:
     return trace_id, parent_id, flags
 
 
-def trace_id_of(raw: bytes | None) -> str | None:
-    """The trace id of a request's raw ``traceparent`` header, when it is valid."""
+def trace_of(raw: bytes | None) -> tuple[str | None, int]:
+    """``(trace_id, flags)`` of a request's raw ``traceparent`` header (flags as an int), or
+    :data:`NO_TRACE` when it is absent or invalid."""
     if raw is None:
-        return None
+        return NO_TRACE
     match = _TRACEPARENT_00(raw)
     if match is not None:
-        return match[1].decode("ascii")
+        return match[1].decode("ascii"), _FLAG_VALUES[match[2]]
     parsed = parse_traceparent(raw)  # another version, surrounding blanks, or invalid
-    return None if parsed is None else parsed[0]
+    return NO_TRACE if parsed is None else (parsed[0], int(parsed[2], 16))
+
+
+def trace_id_of(raw: bytes | None) -> str | None:
+    """The trace id of a request's raw ``traceparent`` header, when it is valid."""
+    return trace_of(raw)[0]
+
+
+def format_traceparent(trace_id: str, parent_id: str, flags: int) -> str:
+    """A version ``00`` ``traceparent``; of ``flags`` only the :data:`KNOWN_FLAGS` are sent."""
+    return f"00-{trace_id}-{parent_id}-{_FLAG_TEXT[flags & 0xFF]}"
 
 
 def is_trace_id(value: object) -> bool:
@@ -122,28 +159,40 @@ def _text(raw: str | bytes) -> str | None:
 
 
 def parse_tracestate(raw: str | bytes | None) -> str | None:
-    """The normalized ``tracestate`` (``k=v,k=v``), or None when absent, empty or invalid."""
+    """The ``tracestate`` to forward (``k=v,k=v``), or None when absent, empty or invalid.
+
+    Members keep their order; a repeated key keeps its first member; an invalid member or
+    more than 32 members invalidate the whole header (see the module docstring).
+    """
     if raw is None or len(raw) > _TS_MAX_BYTES:
         return None
     text = _text(raw)
     if text is None:
         return None
-    members: list[str] = []
-    keys: set[str] = set()
+    members: dict[str, str] = {}
     for part in text.split(","):
         part = part.strip(" \t")
         if not part:
             continue
         key, sep, value = part.partition("=")
-        if not sep or _TS_KEY_RE.fullmatch(key) is None or key in keys:
+        if not sep or _TS_KEY_RE.fullmatch(key) is None or _TS_VALUE_RE.fullmatch(value) is None:
             return None
-        if _TS_VALUE_RE.fullmatch(value) is None:
-            return None
-        keys.add(key)
-        members.append(f"{key}={value}")
+        members.setdefault(key, f"{key}={value}")
     if not members or len(members) > TRACESTATE_MAX_MEMBERS:
         return None
-    return ",".join(members)
+    return _within_forward_limit(list(members.values()))
+
+
+def _within_forward_limit(members: list[str]) -> str:
+    """``members`` joined, shortened to 512 characters as the spec suggests: members over 128
+    characters are dropped first, then members from the end."""
+    joined = ",".join(members)
+    if len(joined) <= _TS_FORWARD_CHARS:
+        return joined
+    kept = [member for member in members if len(member) <= _TS_LONG_MEMBER]
+    while len(",".join(kept)) > _TS_FORWARD_CHARS:
+        kept.pop()
+    return ",".join(kept)
 
 
 def parse_baggage(raw: str | bytes | None) -> dict[str, str]:
@@ -163,12 +212,13 @@ def parse_baggage(raw: str | bytes | None) -> dict[str, str]:
         key, value = match.groups()
         if TOKEN_RE.fullmatch(key) is None or _BAGGAGE_VALUE_RE.fullmatch(value) is None:
             continue
-        out.setdefault(key, unquote(value, errors="replace"))
+        out.setdefault(key, unquote_plus(value, errors="replace"))
     return out
 
 
 def format_baggage(items: Iterable[tuple[str, str]]) -> str:
-    """A ``baggage`` header from ``(key, value)`` pairs: values percent-encoded (UTF-8).
+    """A ``baggage`` header from ``(key, value)`` pairs: values percent-encoded (UTF-8, ``+``
+    as ``%2B``).
 
     Keys must be RFC 7230 tokens (checked by the caller). A member that would take the header
     past 64 members or 8,192 bytes is left out whole, never truncated.

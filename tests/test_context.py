@@ -29,6 +29,7 @@ from ctxvars_mw.frozen import FrozenMap
 from ctxvars_mw.ids import get_id_rules
 
 USER = "user_2hNqYf3kT9xWzL"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 ID_FIELDS = ("user_id", "thread_id", "run_id", "request_id", "correlation_id")
 OPTIONAL_ID_FIELDS = ("session_id", "websocket_client_id", "parent_request_id")
 EXACT_PLACEHOLDERS = [
@@ -116,6 +117,7 @@ def full_context() -> UserExecutionContext:
         audit_metadata={"ip": "203.0.113.7", "tags": {"b", "a"}},
         websocket_client_id="ws_c20ad4d76fe97759",
         trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+        trace_flags=0x03,
         operation="agent.plan",
         operation_depth=2,
         parent_request_id="req_c51ce410c124a10e",
@@ -139,6 +141,7 @@ def test_defaults_of_every_optional_field() -> None:
     assert ctx.is_authenticated is True
     assert ctx.websocket_client_id is None
     assert ctx.trace_id is None
+    assert ctx.trace_flags == 0
     assert ctx.operation is None
     assert ctx.operation_depth == 0
     assert ctx.parent_request_id is None
@@ -413,6 +416,34 @@ def test_malformed_trace_id_is_refused(trace_id: str) -> None:
         make(trace_id=trace_id)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"trace_id": TRACE_ID, "trace_flags": 256},
+        {"trace_id": TRACE_ID, "trace_flags": -1},
+        {"trace_id": TRACE_ID, "trace_flags": "01"},
+        {"trace_id": TRACE_ID, "trace_flags": True},
+        {"trace_flags": 0x01},  # flags without the trace they belong to
+    ],
+)
+def test_malformed_trace_flags_are_refused(kwargs: dict[str, Any]) -> None:
+    """trace_flags is one byte, and only ever next to a trace id."""
+    with pytest.raises(InvalidContextError):
+        make(**kwargs)
+
+
+def test_trace_flags_survive_children_serialization_and_pickling() -> None:
+    """The flags travel wherever the trace id does: children, dicts, JSON, pickles."""
+    ctx = make(trace_id=TRACE_ID, trace_flags=0x03).child("tool.search")
+    assert ctx.trace_flags == 0x03
+    assert ctx.to_dict()["trace_flags"] == 0x03
+    assert UserExecutionContext.from_json(ctx.to_json()).trace_flags == 0x03
+    assert pickle.loads(pickle.dumps(ctx)).trace_flags == 0x03
+    assert ctx.audit_trail()["trace_flags"] == 0x03
+    old = {k: v for k, v in ctx.to_dict().items() if k != "trace_flags"}
+    assert UserExecutionContext.from_dict(old).trace_flags == 0  # data written before the field
+
+
 def test_non_bool_is_authenticated_is_refused() -> None:
     """is_authenticated must be a bool."""
     with pytest.raises(InvalidContextError):
@@ -621,7 +652,8 @@ def test_equal_contexts_hash_alike_and_db_session_is_ignored() -> None:
         {"agent_context": {"model": "other"}},
         {"operation_depth": 3},
         {"is_authenticated": False},
-        {"trace_id": None},
+        {"trace_id": None, "trace_flags": 0},
+        {"trace_flags": 0x01},
     ],
 )
 def test_contexts_differing_in_one_field_are_unequal(change: dict[str, Any]) -> None:
@@ -704,6 +736,7 @@ def test_child_inherits_every_documented_field() -> None:
         "auth_method",
         "is_authenticated",
         "trace_id",
+        "trace_flags",
         "agent_context",
         "audit_metadata",
     ):

@@ -306,3 +306,11 @@ def test_leeway_is_configurable() -> None:
             loads(token, SECRET, leeway=bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="replay_store"):
         loads(token, SECRET, replay_store=object())  # type: ignore[arg-type]
+
+
+def test_the_trace_and_its_flags_cross_in_the_envelope() -> None:
+    """A worker that loads the envelope continues the same trace, flags included."""
+    traced = CTX.replace(trace_id="4bf92f3577b34da6a3ce929d0e0e4736", trace_flags=0x03)
+    received = loads(dumps(traced, SECRET), SECRET)
+    assert (received.trace_id, received.trace_flags) == (traced.trace_id, 0x03)
+    assert received == traced

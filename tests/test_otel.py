@@ -84,14 +84,24 @@ def _server_span(app: ASGIApp) -> ASGIApp:
         carrier = {k.decode(): v.decode() for k, v in scope["headers"]}
         parent = TraceContextTextMapPropagator().extract(carrier)
         with tracer.start_as_current_span("server", context=parent) as span:
-            scope["state"] = {"span_trace_id": format_trace_id(span.get_span_context().trace_id)}
+            span_context = span.get_span_context()
+            scope["state"] = {
+                "span_trace_id": format_trace_id(span_context.trace_id),
+                "span_flags": int(span_context.trace_flags),
+            }
             await app(scope, receive, send)
 
     return wrapped
 
 
 async def _report(scope: Scope, receive: Receive, send: Send) -> None:
-    body = {"ctx": get_context().trace_id, "span": scope["state"]["span_trace_id"]}
+    ctx, state = get_context(), scope["state"]
+    body = {
+        "ctx": ctx.trace_id,
+        "span": state["span_trace_id"],
+        "ctx_flags": ctx.trace_flags,
+        "span_flags": state["span_flags"],
+    }
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
@@ -103,9 +113,12 @@ async def _call(headers: dict[str, str]) -> dict[str, Any]:
 
 
 async def test_span_trace_middleware_gives_the_context_the_spans_trace_id() -> None:
-    """With no incoming traceparent, the context takes the server span's new trace id."""
+    """With no incoming traceparent, the context takes the server span's new trace id and
+    flags (the SDK's default sampler samples it)."""
     seen = await _call({})
     assert seen["ctx"] == seen["span"]
+    assert seen["ctx_flags"] == seen["span_flags"]
+    assert seen["ctx_flags"] & 0x01
 
 
 async def test_incoming_traceparent_span_and_context_agree() -> None:

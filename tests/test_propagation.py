@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -10,13 +11,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctxvars_mw import ConfigurationError, Tier, UserExecutionContext, use_context
+from ctxvars_mw import (
+    ConfigurationError,
+    ContextMiddleware,
+    Tier,
+    UserExecutionContext,
+    use_context,
+)
 from ctxvars_mw.propagation import (
     DEFAULT_BAGGAGE_KEYS,
     AsyncContextTransport,
     ContextTransport,
     outgoing_headers,
 )
+from ctxvars_mw.types import Receive, Scope, Send
 from ctxvars_mw.w3c import parse_baggage, parse_traceparent
 from tests.servers import uvicorn_server
 
@@ -52,7 +60,7 @@ def test_outgoing_headers_carry_the_current_ids() -> None:
 
 
 def test_traceparent_keeps_the_trace_id_with_a_new_parent_id_per_call() -> None:
-    """Each call gets a fresh parent id under the context's trace id; flags are 00."""
+    """Each call gets a fresh parent id under the context's trace id; without flags, 00."""
     first = parse_traceparent(outgoing_headers(TRACED)["traceparent"])
     second = parse_traceparent(outgoing_headers(TRACED)["traceparent"])
     assert first is not None
@@ -297,3 +305,140 @@ def test_outgoing_headers_are_always_well_formed(
     assert parsed is not None
     assert (parsed[0] == TRACE) is traced
     assert parse_baggage(headers["baggage"]) == {"tier": tier.value, **trusted}
+
+
+# -- incoming trace context, as a service forwards it ---------------------------------------
+# The checks of the W3C Trace Context test suite, made through ContextMiddleware: the headers
+# a request brings, and the trace context of the calls the service then makes.
+
+SUITE_TRACE = "12345678901234567890123456789012"
+SUITE_PARENT = "1234567890123456"
+
+
+async def _forwarding_app(scope: Scope, receive: Receive, send: Send) -> None:
+    body = json.dumps(outgoing_headers()).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _forwarded(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """The headers a service behind ContextMiddleware sends on, for a request with
+    ``headers``."""
+    app = ContextMiddleware(_forwarding_app, trust_incoming_baggage=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+        response = await client.get("/", headers=headers)
+    assert response.status_code == 200
+    forwarded: dict[str, str] = response.json()
+    return forwarded
+
+
+def _traceparent(headers: dict[str, str]) -> tuple[str, str, str]:
+    parsed = parse_traceparent(headers["traceparent"])
+    assert parsed is not None
+    assert headers["traceparent"].startswith("00-")
+    return parsed
+
+
+@pytest.mark.parametrize(
+    ("flags", "sent"), [("00", "00"), ("01", "01"), ("02", "02"), ("03", "03"), ("ff", "03")]
+)
+async def test_incoming_trace_flags_go_out_with_the_trace(flags: str, sent: str) -> None:
+    """The sampled and random-trace-id flags travel on; undefined flag bits do not."""
+    out = await _forwarded([("traceparent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-{flags}")])
+    assert _traceparent(out) == (SUITE_TRACE, _traceparent(out)[1], sent)
+    assert _traceparent(out)[1] != SUITE_PARENT
+
+
+async def test_future_traceparent_version_is_continued_as_version_00() -> None:
+    """A later version's trace id and flags are kept, its extra fields dropped."""
+    future = f"cc-{SUITE_TRACE}-{SUITE_PARENT}-01-what-the-future-will-be-like"
+    trace_id, _, flags = _traceparent(await _forwarded([("traceparent", future)]))
+    assert (trace_id, flags) == (SUITE_TRACE, "01")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("traceparent", f"00-{'0' * 32}-{SUITE_PARENT}-01")],
+        [("traceparent", f"00-{SUITE_TRACE}-{'0' * 16}-01")],
+        [("traceparent", f"ff-{SUITE_TRACE}-{SUITE_PARENT}-01")],
+        [("traceparent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-01.")],
+        [("trace-parent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-01")],
+        [
+            ("traceparent", f"00-{SUITE_TRACE[:-1]}1-{SUITE_PARENT}-01"),
+            ("traceparent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-01"),
+        ],
+    ],
+)
+async def test_a_missing_invalid_or_repeated_traceparent_starts_a_new_trace(
+    headers: list[tuple[str, str]],
+) -> None:
+    """Without one valid traceparent the service sends a trace of its own, flags 00."""
+    trace_id, _, flags = _traceparent(await _forwarded(headers))
+    assert trace_id not in (SUITE_TRACE, SUITE_TRACE[:-1] + "1", "0" * 32)
+    assert flags == "00"
+
+
+async def test_tracestate_headers_are_combined_in_order() -> None:
+    """Several tracestate headers are one list; empty ones add nothing."""
+    out = await _forwarded(
+        [
+            ("traceparent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-00"),
+            ("tracestate", "foo=1,bar=2"),
+            ("tracestate", ""),
+            ("tracestate", "rojo=1,congo=2"),
+            ("tracestate", "baz=3"),
+        ]
+    )
+    assert out["tracestate"] == "foo=1,bar=2,rojo=1,congo=2,baz=3"
+
+
+@pytest.mark.parametrize(
+    ("states", "expected"),
+    [
+        (["foo=1", "foo=2"], "foo=1"),  # a key repeated across headers keeps its first value
+        (["foo=1,foo=1"], "foo=1"),
+        (["foo=1", "z" * 256 + "=1"], "foo=1," + "z" * 256 + "=1"),
+        (["foo=1", "z" * 257 + "=1"], None),  # one invalid member: nothing is forwarded
+        (["foo=1", "t@" + "v" * 15 + "=1"], None),
+        (["foo@=1,bar=2"], None),
+        ([""], None),
+    ],
+)
+async def test_tracestate_is_forwarded_as_the_spec_says(
+    states: list[str], expected: str | None
+) -> None:
+    """Repeated keys are dropped, an invalid list is not forwarded at all."""
+    headers = [("traceparent", f"00-{SUITE_TRACE}-{SUITE_PARENT}-00")]
+    out = await _forwarded(headers + [("tracestate", state) for state in states])
+    assert out.get("tracestate") == expected
+
+
+async def test_tracestate_without_a_valid_traceparent_is_not_forwarded() -> None:
+    """A tracestate belongs to the trace it came with; without that trace it is dropped."""
+    for headers in (
+        [("tracestate", "foo=1,bar=2")],
+        [("traceparent", f"00-{SUITE_TRACE}-{'0' * 16}-00"), ("tracestate", "foo=1")],
+    ):
+        assert "tracestate" not in await _forwarded(headers)
+
+
+async def test_every_call_of_a_request_has_its_own_parent_id() -> None:
+    """Three calls for one request: one trace, three parent ids."""
+    app_calls: list[dict[str, str]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        app_calls.extend(outgoing_headers() for _ in range(3))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    service = ContextMiddleware(app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(service), base_url="http://t") as c:
+        await c.get("/", headers={"traceparent": f"00-{SUITE_TRACE}-{SUITE_PARENT}-01"})
+        await c.get("/")
+    traced, untraced = app_calls[:3], app_calls[3:]
+    assert {_traceparent(h)[0] for h in traced} == {SUITE_TRACE}
+    assert len({_traceparent(h)[1] for h in traced}) == 3
+    assert len({_traceparent(h)[0] for h in untraced}) == 1
+    assert len({_traceparent(h)[1] for h in untraced}) == 3

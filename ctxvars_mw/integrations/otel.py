@@ -6,8 +6,9 @@ instrumentations are yours to choose):
 * :class:`SpanTraceMiddleware` — ASGI middleware for inside ``ContextMiddleware``. When a span
   is active for the request (started by OpenTelemetry's ASGI instrumentation, or by you) and the
   context's ``trace_id`` differs — no ``traceparent`` came in, or the instrumentation started a
-  new trace — the request runs with a context whose ``trace_id`` is the span's (set and reset
-  with a token). Log lines, envelopes and outgoing calls then name the trace your spans are in.
+  new trace — the request runs with a context whose ``trace_id`` and ``trace_flags`` are the
+  span's (set and reset with a token). Log lines, envelopes and outgoing calls then name the
+  trace your spans are in.
 * :func:`install` — makes :func:`ctxvars_mw.propagation.outgoing_headers` (and so the httpx
   transports) send the active span's trace id, its span id as the parent id, its sampled flag
   and its ``tracestate``, so downstream spans become children of yours. Without an active span
@@ -55,6 +56,14 @@ def current_trace_id() -> str | None:
     return format_trace_id(span_context.trace_id) if span_context.is_valid else None
 
 
+def _current_trace() -> tuple[str, int] | None:
+    """The active span's ``(trace id, trace flags)``, or None."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    return format_trace_id(span_context.trace_id), int(span_context.trace_flags)
+
+
 def install() -> None:
     """Make outgoing headers use the active span's ids (idempotent)."""
     propagation.set_span_source(current_span_ids)
@@ -77,11 +86,12 @@ class SpanTraceMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = get_context_or_none()
-        trace_id = current_trace_id() if ctx is not None else None
-        if ctx is None or trace_id is None or ctx.trace_id == trace_id:
+        span_trace = _current_trace() if ctx is not None else None
+        if ctx is None or span_trace is None or ctx.trace_id == span_trace[0]:
             await self.app(scope, receive, send)
             return
-        token = set_context(ctx.replace(trace_id=trace_id))
+        trace_id, flags = span_trace
+        token = set_context(ctx.replace(trace_id=trace_id, trace_flags=flags))
         try:
             await self.app(scope, receive, send)
         finally:
