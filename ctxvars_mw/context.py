@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,9 +37,10 @@ from .ids import (
     MAX_ID_LENGTH,
     IdRules,
     generate_id,
-    generate_id_pair,
+    generate_id_pair,  # noqa: F401 - used by the generated request_context
     get_id_rules,
     is_valid_id,
+    pop_id_pair,  # noqa: F401 - used by the generated request_context
 )
 from .tier import Tier
 from .w3c import is_trace_id
@@ -455,25 +457,18 @@ def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
     return _copy(ctx)
 
 
+# The fields of a request's own; request_context copies every other one from the caller.
+_REQUEST_SOURCE = """
 def request_context(
-    caller: CallerTemplate,
-    request_id: str,
-    correlation_id: str,
-    trace_id: str | None,
-    websocket_client_id: str | None,
-    outer: UserExecutionContext | None = None,
-    trace_flags: int = 0,
-) -> UserExecutionContext:
-    """The context of a new request by ``caller`` (the template of a validated context that
-    holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the request's
-    checked ids and trace (``trace_flags`` being those of ``trace_id``).
-
-    New thread and run ids are drawn, unless the request is already handled by an ``outer``
-    middleware whose context they are taken from.
-    """
-    new = _copy(caller)
+    caller, request_id, correlation_id, trace_id, websocket_client_id, outer=None, trace_flags=0
+):
+    new = _new(_Filler)
+{copies}
     if outer is None:
-        new.thread_id, new.run_id = generate_id_pair()
+        try:
+            new.thread_id, new.run_id = pop_id_pair()
+        except IndexError:  # the pool is empty: refill it
+            new.thread_id, new.run_id = generate_id_pair()
     else:
         new.thread_id = outer.thread_id
         new.run_id = outer.run_id
@@ -483,7 +478,33 @@ def request_context(
     new.trace_flags = trace_flags
     new.websocket_client_id = websocket_client_id
     new.created_at = _now(_UTC)
-    return _seal(new)
+    new.__class__ = UserExecutionContext
+    if _track is not None:
+        _track(new)
+    return new
+"""
+_REQUEST_FIELDS = frozenset(re.findall(r"new\.(\w+) =", _REQUEST_SOURCE))
+
+
+def _compile_request_context() -> Callable[..., UserExecutionContext]:
+    """``request_context`` from :data:`_REQUEST_SOURCE`, with the copies of the caller's
+    fields written out from the field declarations (one call per request, no loop)."""
+    copies = [f"    new.{slot} = caller.{slot}" for slot in _SLOTS if slot not in _REQUEST_FIELDS]
+    namespace = globals()  # _track is read at call time, as testing sets it
+    exec(_REQUEST_SOURCE.format(copies="\n".join(copies)), namespace)  # noqa: S102
+    built: Callable[..., UserExecutionContext] = namespace["request_context"]
+    built.__doc__ = """The context of a new request by ``caller`` (the template of a validated
+    context that holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the
+    request's checked ids and trace (``trace_flags`` being those of ``trace_id``).
+
+    New thread and run ids are drawn, unless the request is already handled by an ``outer``
+    middleware whose context they are taken from."""
+    return built
+
+
+#: ``request_context(caller, request_id, correlation_id, trace_id, websocket_client_id,
+#: outer=None, trace_flags=0)``: see :func:`_compile_request_context`.
+request_context = _compile_request_context()
 
 
 # -- field checks ------------------------------------------------------------------------

@@ -76,9 +76,9 @@ def open_frame(
     return _current.set((ctx, cleanups, headers))
 
 
-def reset_frame(token: FrameToken) -> None:
-    """Restore the frame that was current before ``token``'s ``set``."""
-    _current.reset(token)
+#: ``reset_frame(token)``: restore the frame that was current before ``token``'s ``set``
+#: (the ContextVar's own ``reset``: no call of ours in between).
+reset_frame: Callable[[FrameToken], None] = _current.reset
 
 
 def current_cleanups() -> list[Any] | None:

@@ -229,7 +229,10 @@ _POOL_SIZE = 128
 _id_pool: list[str] = []
 _pair_pool: list[tuple[str, str]] = []
 _pop_id = _id_pool.pop
-_pop_pair = _pair_pool.pop
+#: A pair of new random ids from the pool, without a function call of its own: raises
+#: IndexError when the pool is empty, and :func:`generate_id_pair` then refills it. For the
+#: per-request path; anything else calls :func:`generate_id_pair`.
+pop_id_pair = _pair_pool.pop
 
 
 def _draw(count: int) -> list[str]:
@@ -258,7 +261,7 @@ def generate_id() -> str:
 def generate_id_pair() -> tuple[str, str]:
     """Two new random ids (a new request's thread and run id)."""
     try:
-        return _pop_pair()
+        return pop_id_pair()
     except IndexError:
         ids = iter(_draw(2 * _POOL_SIZE))
         pairs = list(zip(ids, ids, strict=True))
@@ -307,9 +310,11 @@ _VALIDATED_MAX = 4096
 #: What an incoming request or correlation id header may look like.
 HEADER_ID_RE = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 HEADER_ID_MAX = 128
-# The same rule as data: ``not raw.translate(None, _HEADER_ID_CHARS)`` is true when ``raw``
-# holds only those characters (a third cheaper than the regex).
+# The same rule as data: a table that maps those characters to themselves and every other
+# byte to another one. ``raw.translate(_HEADER_ID_TABLE) is raw`` when nothing was changed
+# (bytes.translate hands back its own object then): the cheapest whole-value check there is.
 _HEADER_ID_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+_HEADER_ID_TABLE = bytes(c if c in _HEADER_ID_CHARS else c ^ 1 for c in range(256))
 
 
 def accept_header_id(
@@ -322,9 +327,9 @@ def accept_header_id(
     repeated, too long, odd characters, a placeholder) is None: the caller generates an id
     instead, or refuses the request. The value is never logged, and never echoed.
     """
-    if not raw or len(raw) > HEADER_ID_MAX or raw.translate(None, _HEADER_ID_CHARS):
+    if not raw or len(raw) > HEADER_ID_MAX or raw.translate(_HEADER_ID_TABLE) is not raw:
         return None
-    value = raw.decode("ascii")
+    value = raw.decode()  # ASCII, checked above
     if len(value) < rules._safe_length and rules.is_placeholder(value):
         return None
     if validator is not None:

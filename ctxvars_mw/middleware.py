@@ -253,6 +253,7 @@ class ContextMiddleware:
             trace = (outer.trace_id, outer.trace_flags)
             return outer.request_id, outer.correlation_id, trace, None
         settings = self.settings
+        trace = trace_of(found.get(b"traceparent"))
         raw_rid = found.get(settings.request_id_header)
         raw_cid = found.get(settings.correlation_id_header)
         request_id = correlation_id = None
@@ -260,6 +261,25 @@ class ContextMiddleware:
             rules = get_id_rules()
             request_id = accept_header_id(raw_rid, rules, settings.id_validator)
             correlation_id = accept_header_id(raw_cid, rules, settings.id_validator)
+            if request_id is not None and correlation_id is not None:
+                return request_id, correlation_id, trace, None  # both in use as they came
+        request_id, correlation_id, refusal = self.settle_ids(
+            scope, raw_rid, request_id, raw_cid, correlation_id
+        )
+        return request_id, correlation_id, trace, refusal
+
+    def settle_ids(
+        self,
+        scope: Scope,
+        raw_rid: bytes | None,
+        request_id: str | None,
+        raw_cid: bytes | None,
+        correlation_id: str | None,
+    ) -> tuple[str, str, HTTPError | None]:
+        """The ids of a request that did not bring both ids acceptable: absent ones
+        generated (the correlation id defaults to the request id), refused ones replaced with
+        a WARNING naming the header, or refused with a 400 (``reject_invalid_ids``)."""
+        settings = self.settings
         rid_refused = raw_rid is not None and request_id is None
         cid_refused = raw_cid is not None and correlation_id is None
         generated = request_id is None
@@ -268,7 +288,7 @@ class ContextMiddleware:
         if correlation_id is None:
             correlation_id = request_id
         refusal = None
-        if rid_refused or cid_refused:  # the rare case: name the header, as configured
+        if rid_refused or cid_refused:  # name the header, as configured
             names = [
                 settings.spelled[name]
                 for name, was_refused in (
@@ -289,7 +309,7 @@ class ContextMiddleware:
             scope["headers"] = _with_request_ids(
                 scope["headers"], settings, request_id, correlation_id
             )
-        return request_id, correlation_id, trace_of(found.get(b"traceparent")), refusal
+        return request_id, correlation_id, refusal
 
 
 def _with_request_ids(
@@ -346,8 +366,8 @@ class Responder:
         self._send = send
         self.id_names = names = settings.id_names
         self.id_headers = [
-            (names[0], request_id.encode("ascii")),
-            (names[1], correlation_id.encode("ascii")),
+            (names[0], request_id.encode()),
+            (names[1], correlation_id.encode()),
         ]
         self.started = False  # a response (or the websocket's accept or close) was sent
         self.subprotocol: str | None = None

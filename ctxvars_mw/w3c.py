@@ -122,7 +122,7 @@ def trace_of(raw: bytes | None) -> tuple[str | None, int]:
         return NO_TRACE
     match = _TRACEPARENT_00(raw)
     if match is not None:
-        return match[1].decode("ascii"), _FLAG_VALUES[match[2]]
+        return match[1].decode(), _FLAG_VALUES[match[2]]
     parsed = parse_traceparent(raw)  # another version, surrounding blanks, or invalid
     return NO_TRACE if parsed is None else (parsed[0], int(parsed[2], 16))
 
