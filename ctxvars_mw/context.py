@@ -457,7 +457,8 @@ def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
     return _copy(ctx)
 
 
-# The fields of a request's own; request_context copies every other one from the caller.
+# request_context: the fields it sets (the request's own) are those of _REQUEST_FIELDS; every
+# other one is copied from the caller. It ends as _seal does, written out to save the call.
 _REQUEST_SOURCE = """
 def request_context(
     caller, request_id, correlation_id, trace_id, websocket_client_id, outer=None, trace_flags=0

@@ -52,8 +52,8 @@ def current_span_ids() -> tuple[str, str, str, str | None] | None:
 
 def current_trace_id() -> str | None:
     """The active span's trace id (32 lowercase hex characters), or None."""
-    span_context = trace.get_current_span().get_span_context()
-    return format_trace_id(span_context.trace_id) if span_context.is_valid else None
+    span_trace = _current_trace()
+    return None if span_trace is None else span_trace[0]
 
 
 def _current_trace() -> tuple[str, int] | None:
