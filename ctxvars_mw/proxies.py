@@ -79,7 +79,7 @@ def parse_address(text: str) -> Address | None:
         return None
     if text.startswith("["):
         match = _BRACKETED.fullmatch(text)
-        if match is None:
+        if match is None or ":" not in match.group(1):  # brackets are for IPv6 only
             return None
         text = match.group(1)
     elif text.count(":") == 1:
@@ -153,8 +153,8 @@ def forwarded_for(element: bytes) -> str | None:
 
 
 def header_values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    """The values of header ``name`` sent more than once, in order: only the last lines,
-    up to :data:`MAX_FORWARDED_BYTES` in all (the walk reads no more)."""
+    """The values of header ``name`` sent more than once, in order: only the last lines, up
+    to the one that crosses :data:`MAX_FORWARDED_BYTES` in all (the walk reads no more)."""
     values = [value for key, value in headers if key == name]
     kept: list[bytes] = []
     size = 0
