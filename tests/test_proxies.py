@@ -108,7 +108,8 @@ def test_canonical_ip_of_any_text_is_an_address_or_none(text: str) -> None:
     result = canonical_ip(text)
     if result is not None:
         assert str(ipaddress.ip_address(result)) == result
-        assert result.isascii() and result.isprintable()
+        assert result.isascii()
+        assert result.isprintable()
 
 
 # -- one entry of each header --------------------------------------------------------------
@@ -191,7 +192,8 @@ def test_addresses_and_networks_in_every_form_are_trusted() -> None:
 def test_star_trusts_every_peer_even_one_without_an_address() -> None:
     """``"*"`` trusts any address, and a peer without one (a unix socket)."""
     trusted = proxies("*")
-    assert trusted.trusts("203.0.113.9") and trusted.trusts(None)
+    assert trusted.trusts("203.0.113.9")
+    assert trusted.trusts(None)
     assert not proxies()
     assert not proxies().trusts("127.0.0.1")
 
