@@ -30,7 +30,7 @@ from .context import (
     REQUEST_METADATA_FIELDS,
 )
 from .errors import ConfigurationError
-from .proxies import TrustedProxies, canonical_ip, header_values
+from .proxies import TrustedProxies, _canonical, canonical_ip, header_values
 from .types import Scope
 
 __all__ = [
@@ -49,6 +49,10 @@ NO_METADATA: tuple[None, None, None, None] = (None, None, None, None)
 
 Metadata = tuple[str | None, str | None, str | None, str | None]
 _REPLACEMENT = "\ufffd"
+# The registered methods: recorded as they come, without a check.
+_METHODS = frozenset(
+    ["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
+)
 _USER_AGENT = b"user-agent"
 
 # User-Agent headers seen before, by their raw bytes: a handful of browsers and clients make
@@ -121,9 +125,18 @@ class MetadataReader:
     def read(self, scope: Scope, found: dict[bytes, bytes]) -> Metadata:
         """``(client_ip, user_agent, method, path)`` of the request (None for a field not
         recorded); ``found`` holds the request's :attr:`wanted` headers."""
+        # Each field's common case is written out here (a remembered peer and user agent, a
+        # short printable method and path): this runs for every request.
         client_ip = user_agent = method = path = None
         if self.client_ip:
-            client_ip = self.client(scope, found)
+            peer: Any = scope.get("client")
+            if peer:
+                try:
+                    client_ip = _canonical[peer[0]]
+                except (KeyError, TypeError):
+                    client_ip = canonical_ip(peer[0])
+            if self.proxies is not None:
+                client_ip = self.forwarded_client(scope, found, client_ip)
         if self.user_agent:
             raw = found.get(_USER_AGENT)
             if raw is not None and raw is not REPEATED:  # two of them say nothing
@@ -132,21 +145,27 @@ class MetadataReader:
                 except KeyError:
                     user_agent = remember(_user_agents, raw, _user_agent(raw), _USER_AGENTS_MAX)
         if self.method and scope["type"] == "http":
-            method = clean_text(scope.get("method"), MAX_METHOD_LENGTH)
+            method = scope.get("method")
+            if method not in _METHODS:
+                method = clean_text(method, MAX_METHOD_LENGTH)
         if self.path:
-            path = clean_text(scope.get("path"), MAX_PATH_LENGTH)
+            path = scope.get("path")
+            if type(path) is not str or len(path) > MAX_PATH_LENGTH or not path.isprintable():
+                path = clean_text(path, MAX_PATH_LENGTH)
+            elif not path:
+                path = None
         return client_ip, user_agent, method, path
 
-    def client(self, scope: Scope, found: dict[bytes, bytes]) -> str | None:
-        """The client's address: the peer's, or the one its forwarded header names when the
-        peer is a trusted proxy."""
-        peer: Any = scope.get("client")
-        ip = canonical_ip(peer[0]) if peer else None
-        proxies = self.proxies
-        if proxies is None or not proxies.trusts(ip):
-            return ip
+    def forwarded_client(
+        self, scope: Scope, found: dict[bytes, bytes], peer: str | None
+    ) -> str | None:
+        """The client the forwarded header names when the ``peer`` is a trusted proxy (see
+        :mod:`ctxvars_mw.proxies`); else the peer."""
+        proxies: Any = self.proxies
+        if not proxies.trusts(peer):
+            return peer
         raw = found.get(proxies.header)
         if raw is None:
-            return ip
+            return peer
         values = header_values(scope["headers"], proxies.header) if raw is REPEATED else [raw]
-        return proxies.client(ip, values)
+        return proxies.client(peer, values)  # type: ignore[no-any-return]
