@@ -5,6 +5,8 @@ A request goes through five steps, each owned by one module:
 1. **Exchange** — the request headers are read once (:func:`read_headers`); the incoming ids
    are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id and flags
    are read (:func:`ctxvars_mw.w3c.trace_of`); a :class:`Responder` owns the request's ``send``.
+   The request's client, user agent, method and path are read for the context
+   (:class:`ctxvars_mw.request_metadata.MetadataReader`).
 2. **Admission** — who the caller is and whether they may enter
    (:class:`ctxvars_mw.auth.admission.Admission`); a refusal is answered here, before the app.
 3. **Enter** — the request's context, derived from the caller's
@@ -68,7 +70,8 @@ class Settings:
     #: log lines and error descriptions.
     spelled: dict[bytes, str]
     #: The request headers the exchange reads (the id headers only when incoming ids are
-    #: trusted, the credentials only with an authenticator).
+    #: trusted, the credentials only with an authenticator, the user agent only when it is
+    #: recorded, the forwarded header only when a proxy is trusted).
     wanted: frozenset[bytes]
     trust_incoming_baggage: bool
     #: Incoming ids must also pass this (None: the header rule and the id rules only).
