@@ -102,6 +102,8 @@ class Variant:
     build: Callable[[], Any]
     token_alg: str = "HS256"
     fresh_tokens: bool = False
+    #: Request headers of this variant's requests only, besides the common ones.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def _ctxvars_jwt(
@@ -130,6 +132,17 @@ def variants(uncached: str) -> list[Variant]:
             "ctxvars_read",
             "ctxvars_mw anonymous, endpoint reads the context",
             lambda: ContextMiddleware(reading_app()),
+        ),
+        Variant(
+            "ctxvars_read_no_metadata",
+            "ctxvars_mw anonymous, endpoint reads, request_metadata=()",
+            lambda: ContextMiddleware(reading_app(), request_metadata=()),
+        ),
+        Variant(
+            "ctxvars_read_proxied",
+            "ctxvars_mw anonymous, endpoint reads, behind a trusted proxy (X-Forwarded-For)",
+            lambda: ContextMiddleware(reading_app(), trusted_proxies=["127.0.0.1", "10.0.0.0/8"]),
+            headers=((b"x-forwarded-for", b"203.0.113.7, 10.1.2.3"),),
         ),
         Variant("correlation", "asgi-correlation-id", lambda: CorrelationIdMiddleware(bare_app())),
         Variant("starlette_context", "starlette-context (2 plugins)", _starlette_context),

@@ -41,10 +41,14 @@ _ID_POOL = _id_pool(20011)
 _cursor = 0
 
 
-def http_scope(token: str, path: str = "/") -> dict[str, Any]:
-    """An HTTP scope as uvicorn builds it, with 6 of its 8 headers (bearer token included);
-    ``x-request-id`` and ``traceparent`` are added per request (see :func:`_fresh`)."""
+def http_scope(
+    token: str, path: str = "/", extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> dict[str, Any]:
+    """An HTTP scope as uvicorn builds it, with 6 of its 8 headers (bearer token included)
+    and the ``extra`` ones; ``x-request-id`` and ``traceparent`` are added per request (see
+    :func:`_fresh`)."""
     headers = [
+        *extra,
         (b"host", b"api.example.org"),
         (b"user-agent", b"Mozilla/5.0 (X11; Linux x86_64) ctxvars-bench/1.0"),
         (b"accept", b"application/json"),
@@ -152,8 +156,9 @@ def uncached_strategy() -> str:
 
 def _templates(variant: Variant, count: int) -> list[dict[str, Any]]:
     if variant.fresh_tokens:
-        return [http_scope(t) for t in tokens.mint_many(variant.token_alg, count)]
-    return [http_scope(tokens.mint(variant.token_alg, unique=False))]
+        minted = tokens.mint_many(variant.token_alg, count)
+        return [http_scope(t, extra=variant.headers) for t in minted]
+    return [http_scope(tokens.mint(variant.token_alg, unique=False), extra=variant.headers)]
 
 
 def _time_decode(decode: Callable[[str], Any], token: str, n: int) -> float:

@@ -29,6 +29,8 @@ VARIANTS = (
     "floor",
     "ctxvars",
     "ctxvars_read",
+    "ctxvars_read_no_metadata",
+    "ctxvars_read_proxied",
     "correlation",
     "starlette_context",
     "jwt_cached",

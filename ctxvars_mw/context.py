@@ -42,13 +42,31 @@ from .ids import (
     is_valid_id,
     pop_id_pair,  # noqa: F401 - used by the generated request_context
 )
+from .proxies import canonical_ip
 from .tier import Tier
 from .w3c import is_trace_id
 
-__all__ = ["MAX_OPERATION_DEPTH", "RESERVED_METADATA_KEYS", "UserExecutionContext"]
+__all__ = [
+    "MAX_METHOD_LENGTH",
+    "MAX_OPERATION_DEPTH",
+    "MAX_PATH_LENGTH",
+    "MAX_USER_AGENT_LENGTH",
+    "REQUEST_METADATA_FIELDS",
+    "RESERVED_METADATA_KEYS",
+    "UserExecutionContext",
+]
 
 #: The deepest a chain of child contexts may go (depth 10 is reachable, 11 is not).
 MAX_OPERATION_DEPTH = 10
+#: The fields that describe the request a context was made for (see
+#: :mod:`ctxvars_mw.request_metadata`), in their declared order.
+REQUEST_METADATA_FIELDS = ("client_ip", "user_agent", "method", "path")
+#: The longest ``user_agent`` a context holds, in characters (the middleware cuts longer ones).
+MAX_USER_AGENT_LENGTH = 256
+#: The longest ``method`` a context holds.
+MAX_METHOD_LENGTH = 32
+#: The longest ``path`` a context holds, in characters (the middleware cuts longer ones).
+MAX_PATH_LENGTH = 2048
 #: Keys that ``agent_context`` and ``audit_metadata`` may not carry.
 RESERVED_METADATA_KEYS = frozenset(
     [
@@ -121,6 +139,15 @@ class UserExecutionContext(_ContextBase):
     operation: str | None = None
     operation_depth: int = 0
     parent_request_id: str | None = None
+    #: The request's client address, canonical (``203.0.113.7``, ``2001:db8::1``): the peer's,
+    #: or the one trusted proxies forwarded. None outside a request or when not recorded.
+    client_ip: str | None = None
+    #: The request's ``User-Agent``, sanitised, at most :data:`MAX_USER_AGENT_LENGTH` characters.
+    user_agent: str | None = None
+    #: The request's HTTP method (None on a websocket).
+    method: str | None = None
+    #: The request's path without its query string, sanitised, at most :data:`MAX_PATH_LENGTH`.
+    path: str | None = None
     created_at: datetime = _GENERATED
     db_session: Any = field(default=None, compare=False, hash=False, repr=False)
 
@@ -150,6 +177,10 @@ class UserExecutionContext(_ContextBase):
         operation: str | None = None,
         operation_depth: int = 0,
         parent_request_id: str | None = None,
+        client_ip: str | None = None,
+        user_agent: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
         created_at: datetime | str | None = None,
         db_session: Any = None,
     ) -> UserExecutionContext:
@@ -210,6 +241,10 @@ class UserExecutionContext(_ContextBase):
             if parent_request_id is None
             else _id("parent_request_id", parent_request_id, rules)
         )
+        new.client_ip = None if client_ip is None else _check_client_ip(client_ip)
+        new.user_agent = _check_request_text("user_agent", user_agent, MAX_USER_AGENT_LENGTH)
+        new.method = _check_request_text("method", method, MAX_METHOD_LENGTH)
+        new.path = _check_request_text("path", path, MAX_PATH_LENGTH)
         new.created_at = _now(_UTC) if created_at is None else _check_created_at(created_at)
         new.db_session = db_session
         return _seal(new)
@@ -374,6 +409,10 @@ class UserExecutionContext(_ContextBase):
             "has_websocket": self.websocket_client_id is not None,
             "trace_id": self.trace_id,
             "trace_flags": self.trace_flags,
+            "client_ip": self.client_ip,
+            "user_agent": self.user_agent,
+            "method": self.method,
+            "path": self.path,
             "created_at": self.created_at.isoformat(),
             "context_age_seconds": (_now(_UTC) - self.created_at).total_seconds(),
         }
@@ -461,7 +500,14 @@ def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
 # other one is copied from the caller. It ends as _seal does, written out to save the call.
 _REQUEST_SOURCE = """
 def request_context(
-    caller, request_id, correlation_id, trace_id, websocket_client_id, outer=None, trace_flags=0
+    caller,
+    request_id,
+    correlation_id,
+    trace_id,
+    websocket_client_id,
+    outer=None,
+    trace_flags=0,
+    metadata=_NO_METADATA,
 ):
     new = _new(_Filler)
 {copies}
@@ -478,13 +524,19 @@ def request_context(
     new.trace_id = trace_id
     new.trace_flags = trace_flags
     new.websocket_client_id = websocket_client_id
+    {metadata} = metadata
     new.created_at = _now(_UTC)
     new.__class__ = UserExecutionContext
     if _track is not None:
         _track(new)
     return new
 """
-_REQUEST_FIELDS = frozenset(re.findall(r"new\.(\w+) =", _REQUEST_SOURCE))
+_REQUEST_SOURCE = _REQUEST_SOURCE.replace(
+    "{metadata}", ", ".join(f"new.{name}" for name in REQUEST_METADATA_FIELDS)
+)
+_NO_METADATA = (None,) * len(REQUEST_METADATA_FIELDS)
+# Every ``new.<field>`` assigned, alone or in a tuple (``new.thread_id, new.run_id = ...``).
+_REQUEST_FIELDS = frozenset(re.findall(r"new\.(\w+)(?=(?:, new\.\w+)* =)", _REQUEST_SOURCE))
 
 
 def _compile_request_context() -> Callable[..., UserExecutionContext]:
@@ -496,7 +548,9 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
     built: Callable[..., UserExecutionContext] = namespace["request_context"]
     built.__doc__ = """The context of a new request by ``caller`` (the template of a validated
     context that holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the
-    request's checked ids and trace (``trace_flags`` being those of ``trace_id``).
+    request's checked ids and trace (``trace_flags`` being those of ``trace_id``), and its
+    ``metadata``: the values of :data:`REQUEST_METADATA_FIELDS`, sanitised (see
+    ``ctxvars_mw.request_metadata``).
 
     New thread and run ids are drawn, unless the request is already handled by an ``outer``
     middleware whose context they are taken from."""
@@ -504,7 +558,7 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
 
 
 #: ``request_context(caller, request_id, correlation_id, trace_id, websocket_client_id,
-#: outer=None, trace_flags=0)``: see :func:`_compile_request_context`.
+#: outer=None, trace_flags=0, metadata=(None,) * 4)``: see :func:`_compile_request_context`.
 request_context = _compile_request_context()
 
 
@@ -614,6 +668,21 @@ def _check_trace_flags(value: object, trace_id: str | None) -> int:
     if trace_id is None:
         _bad("trace_flags needs a trace_id")
     return value
+
+
+def _check_client_ip(value: object) -> str:
+    ip = canonical_ip(value)
+    if ip is None:
+        _bad("client_ip must be an IP address")
+    return ip
+
+
+def _check_request_text(name: str, value: object, limit: int) -> str | None:
+    if value is None or (
+        type(value) is str and value and len(value) <= limit and value.isprintable()
+    ):
+        return value
+    _bad(f"{name} must be a non-empty printable string of at most {limit} characters")
 
 
 def _check_optional_text(name: str, value: object) -> str | None:

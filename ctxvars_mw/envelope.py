@@ -11,6 +11,11 @@ rebuilds an equal context. No cryptography is done here: PyJWT signs and verifie
   contain the envelope or the secret.
 * ``db_session`` is never included (``to_dict`` leaves it out); anonymous contexts round-trip.
   The envelope is signed, not encrypted: do not put secrets in the context's metadata.
+* The request's metadata (``client_ip``, ``user_agent``, ``method``, ``path``) crosses with
+  the rest of the context: work done for a request elsewhere (a Celery task) is still
+  attributed to the client and the endpoint that asked for it, and its audit records say so.
+  Drop it first, ``dumps(ctx.replace(client_ip=None), secret)``, where the queue must not
+  hold a client's address.
 * **One-time envelopes.** Every envelope carries a random ``jti``. ``loads(...,
   replay_store=store)`` claims that id in ``store`` and refuses a second use with
   :class:`InvalidTokenError`; the id is kept for the envelope's remaining lifetime (``exp`` plus

@@ -12,21 +12,32 @@ The fields are ``request_id``, ``parent_request_id``, ``correlation_id``, ``user
 and ``operation_depth``. For stdlib records they hold ``"-"`` outside a request, and
 ``parent_request_id`` holds it too in a context that has no parent (a request; a child context
 or a Celery task has one). Only ids are added: never a token, claim, session id or metadata value.
+
+The request's metadata (:data:`~ctxvars_mw.request_metadata.REQUEST_METADATA_FIELDS`:
+``client_ip``, ``user_agent``, ``method``, ``path``) is added only where asked for, with
+``request_metadata=`` naming the fields, on each of the three: a client's address is personal
+data, and ``path`` or ``method`` are names code may already pass in ``extra=``. Those values
+were sanitised by the middleware (no control characters, bounded), so they cannot break a log
+line either; a field the context does not hold shows ``default_value`` (``"-"``) on stdlib
+records and ``None`` in structlog's event dict.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
 from .current import get_context_or_none
 from .errors import ConfigurationError
+from .request_metadata import REQUEST_METADATA_FIELDS, check_metadata_names
 
 __all__ = [
     "CONTEXT_FIELDS",
+    "REQUEST_METADATA_FIELDS",
     "ContextLogFilter",
+    "StructlogProcessor",
     "install_record_factory",
     "structlog_processor",
     "uninstall_record_factory",
@@ -58,18 +69,31 @@ def _annotate(record: logging.LogRecord, default: str = "-", id_length: int | No
         record.operation_depth = ctx.operation_depth
 
 
+def _annotate_metadata(record: logging.LogRecord, fields: tuple[str, ...], default: str) -> None:
+    ctx = get_context_or_none()
+    for name in fields:
+        value = None if ctx is None else getattr(ctx, name)
+        setattr(record, name, default if value is None else value)
+
+
 class ContextLogFilter(logging.Filter):
     """A logging filter that adds the current context's ids to each record (never drops one).
 
     ``default_value`` (``"-"``) is what the fields hold outside a request (and
     ``parent_request_id`` in a context without a parent); ``id_length`` (None: whole ids)
-    shortens ``request_id``, ``parent_request_id`` and ``correlation_id`` for compact log lines.
-    Both can be given in ``dictConfig`` next to ``"()"``. Values already set on the record
+    shortens ``request_id``, ``parent_request_id`` and ``correlation_id`` for compact log lines;
+    ``request_metadata`` (none by default) names the request metadata fields to add as well.
+    Each can be given in ``dictConfig`` next to ``"()"``. Values already set on the record
     (by the record factory, say) are kept.
     """
 
     def __init__(
-        self, name: str = "", *, default_value: str = "-", id_length: int | None = None
+        self,
+        name: str = "",
+        *,
+        default_value: str = "-",
+        id_length: int | None = None,
+        request_metadata: Iterable[str] = (),
     ) -> None:
         super().__init__(name)
         if not isinstance(default_value, str):
@@ -80,11 +104,15 @@ class ContextLogFilter(logging.Filter):
             raise ConfigurationError("id_length must be a positive int or None")
         self.default_value = default_value
         self.id_length = id_length
+        self.request_metadata = check_metadata_names("request_metadata", request_metadata)
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Annotate ``record``; always keep it."""
         if not hasattr(record, "request_id"):
             _annotate(record, self.default_value, self.id_length)
+        fields = self.request_metadata
+        if fields and not hasattr(record, fields[0]):
+            _annotate_metadata(record, fields, self.default_value)
         return True
 
 
@@ -94,16 +122,19 @@ RecordFactory = Callable[..., logging.LogRecord]
 class _ContextRecordFactory:
     """Wraps the previous factory; annotates each record it returns while ``active``."""
 
-    __slots__ = ("active", "previous")
+    __slots__ = ("active", "fields", "previous")
 
-    def __init__(self, previous: RecordFactory) -> None:
+    def __init__(self, previous: RecordFactory, fields: tuple[str, ...]) -> None:
         self.previous = previous
+        self.fields = fields  # the request metadata fields added too
         self.active = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
         record = self.previous(*args, **kwargs)
         if self.active:
             _annotate(record)
+            if self.fields:
+                _annotate_metadata(record, self.fields, "-")
         return record
 
 
@@ -111,21 +142,25 @@ _factory_lock = threading.Lock()
 _installed: _ContextRecordFactory | None = None
 
 
-def install_record_factory() -> None:
-    """Chain a ``LogRecordFactory`` that adds the context's ids to every record.
+def install_record_factory(*, request_metadata: Iterable[str] = ()) -> None:
+    """Chain a ``LogRecordFactory`` that adds the context's ids to every record, and the
+    request metadata fields named in ``request_metadata`` (none by default).
 
     The factory that was installed before (the stdlib's, OpenTelemetry's, …) still builds the
-    record; ours only adds the fields. Calling this twice installs it once. Because logging
+    record; ours only adds the fields. Calling this twice installs it once; the later call's
+    ``request_metadata`` is the one that applies. Because logging
     refuses to let ``extra=`` overwrite an existing record attribute, code that passes one of
     :data:`CONTEXT_FIELDS` in ``extra=`` raises ``KeyError`` while the factory is installed;
     use :class:`ContextLogFilter` instead where that matters. The library's own records (the
     ``ctxvars_mw.audit`` denials included) never pass these names in ``extra=``.
     """
     global _installed
+    fields = check_metadata_names("request_metadata", request_metadata)
     with _factory_lock:
         if _installed is not None:
+            _installed.fields = fields
             return
-        _installed = _ContextRecordFactory(logging.getLogRecordFactory())
+        _installed = _ContextRecordFactory(logging.getLogRecordFactory(), fields)
         logging.setLogRecordFactory(_installed)
 
 
@@ -147,25 +182,47 @@ def uninstall_record_factory() -> None:
             ours.active = False
 
 
-def structlog_processor(
-    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    """A structlog processor: add the current context's ids to the event dict.
+class StructlogProcessor:
+    """A structlog processor: add the current context's ids to the event dict, and the
+    request metadata fields named in ``request_metadata`` (none by default).
 
-    Outside a request it adds nothing; ``parent_request_id`` is None in a context without a
-    parent. Keys the event already has are kept. structlog itself
-    is not imported (processors are plain callables), so this works with the ``structlog``
-    extra installed or not::
+    Outside a request it adds nothing; ``parent_request_id`` (like a metadata field the
+    context does not hold) is None in a context without a parent. Keys the event already has
+    are kept. structlog itself is not imported (processors are plain callables), so this works
+    with the ``structlog`` extra installed or not::
 
-        structlog.configure(processors=[structlog_processor, structlog.processors.JSONRenderer()])
+        structlog.configure(processors=[
+            StructlogProcessor(request_metadata=["client_ip", "path"]),
+            structlog.processors.JSONRenderer(),
+        ])
+
+    :data:`structlog_processor` is the one that adds the ids only.
     """
-    ctx = get_context_or_none()
-    if ctx is not None:
-        setdefault = event_dict.setdefault
-        setdefault("request_id", ctx.request_id)
-        setdefault("parent_request_id", ctx.parent_request_id)
-        setdefault("correlation_id", ctx.correlation_id)
-        setdefault("user_id", ctx.user_id)
-        setdefault("tier", ctx.tier.value)
-        setdefault("operation_depth", ctx.operation_depth)
-    return event_dict
+
+    __slots__ = ("request_metadata",)
+
+    def __init__(self, *, request_metadata: Iterable[str] = ()) -> None:
+        self.request_metadata = check_metadata_names("request_metadata", request_metadata)
+
+    def __call__(
+        self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """Add the fields to ``event_dict`` (inside a request) and return it."""
+        ctx = get_context_or_none()
+        if ctx is not None:
+            setdefault = event_dict.setdefault
+            setdefault("request_id", ctx.request_id)
+            setdefault("parent_request_id", ctx.parent_request_id)
+            setdefault("correlation_id", ctx.correlation_id)
+            setdefault("user_id", ctx.user_id)
+            setdefault("tier", ctx.tier.value)
+            setdefault("operation_depth", ctx.operation_depth)
+            for name in self.request_metadata:
+                setdefault(name, getattr(ctx, name))
+        return event_dict
+
+
+#: The structlog processor that adds the context's ids (see :class:`StructlogProcessor`)::
+#:
+#:     structlog.configure(processors=[structlog_processor, structlog.processors.JSONRenderer()])
+structlog_processor = StructlogProcessor()

@@ -5,6 +5,8 @@ A request goes through five steps, each owned by one module:
 1. **Exchange** — the request headers are read once (:func:`read_headers`); the incoming ids
    are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id and flags
    are read (:func:`ctxvars_mw.w3c.trace_of`); a :class:`Responder` owns the request's ``send``.
+   The request's client, user agent, method and path are read for the context
+   (:class:`ctxvars_mw.request_metadata.MetadataReader`).
 2. **Admission** — who the caller is and whether they may enter
    (:class:`ctxvars_mw.auth.admission.Admission`); a refusal is answered here, before the app.
 3. **Enter** — the request's context, derived from the caller's
@@ -37,6 +39,13 @@ from .errors import (
 from .frozen import freeze_mapping
 from .ids import accept_header_id, check_id_header_names, generate_id, get_id_rules
 from .policy import Policy
+from .proxies import TrustedProxies
+from .request_metadata import (
+    NO_METADATA,
+    REQUEST_METADATA_FIELDS,
+    MetadataReader,
+    check_metadata_names,
+)
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -61,7 +70,8 @@ class Settings:
     #: log lines and error descriptions.
     spelled: dict[bytes, str]
     #: The request headers the exchange reads (the id headers only when incoming ids are
-    #: trusted, the credentials only with an authenticator).
+    #: trusted, the credentials only with an authenticator, the user agent only when it is
+    #: recorded, the forwarded header only when a proxy is trusted).
     wanted: frozenset[bytes]
     trust_incoming_baggage: bool
     #: Incoming ids must also pass this (None: the header rule and the id rules only).
@@ -72,6 +82,8 @@ class Settings:
     reject_invalid_ids: bool = False
     #: The request's own id headers show the ids in use (for the app, and the apps it calls).
     update_request_headers: bool = True
+    #: Reads the request metadata the context records (None: it records none).
+    metadata: MetadataReader | None = None
 
     @classmethod
     def from_options(
@@ -86,6 +98,9 @@ class Settings:
         id_generator: object = None,
         reject_invalid_ids: object = False,
         update_request_headers: object = True,
+        request_metadata: object = REQUEST_METADATA_FIELDS,
+        trusted_proxies: object = (),
+        forwarded_header: object = "X-Forwarded-For",
     ) -> Settings:
         """The settings for these options."""
         _check_bool("trust_incoming_ids", trust_incoming_ids)
@@ -101,6 +116,11 @@ class Settings:
             wanted |= {rid, cid}
         if authenticate:
             wanted.add(b"authorization")
+        fields = check_metadata_names("request_metadata", request_metadata)
+        proxies = TrustedProxies(trusted_proxies, forwarded_header)  # type: ignore[arg-type]
+        metadata = MetadataReader(fields, proxies) if fields else None
+        if metadata is not None:
+            wanted |= metadata.wanted
         return cls(
             rid,
             cid,
@@ -112,6 +132,7 @@ class Settings:
             _check_generator(id_generator, id_validator),
             bool(reject_invalid_ids),
             bool(update_request_headers),
+            metadata,
         )
 
 
@@ -136,8 +157,14 @@ class ContextMiddleware:
     ``audit_metadata``; off by default because callers are untrusted), ``id_validator`` (an
     extra rule incoming ids must pass, e.g. UUIDs only), ``id_generator`` (makes the ids of
     requests that bring none), ``reject_invalid_ids`` (answer a refused incoming id with a
-    400 instead of replacing it) and ``update_request_headers`` (on: the request's own id
-    headers show the ids in use, so the app and what it forwards see them).
+    400 instead of replacing it), ``update_request_headers`` (on: the request's own id
+    headers show the ids in use, so the app and what it forwards see them),
+    ``request_metadata`` (the request fields the context records, of ``client_ip``,
+    ``user_agent``, ``method`` and ``path``: all by default, ``()`` for none; see
+    :mod:`ctxvars_mw.request_metadata`), ``trusted_proxies`` (addresses and networks of the
+    proxies whose ``forwarded_header`` names the client, ``"*"`` for every peer; none by
+    default: forwarded headers are ignored) and ``forwarded_header`` (``"X-Forwarded-For"``
+    or ``"Forwarded"``: the one header those proxies write; see :mod:`ctxvars_mw.proxies`).
     """
 
     def __init__(
@@ -160,6 +187,9 @@ class ContextMiddleware:
         id_generator: Callable[[], str] | None = None,
         reject_invalid_ids: bool = False,
         update_request_headers: bool = True,
+        request_metadata: Iterable[str] = REQUEST_METADATA_FIELDS,
+        trusted_proxies: Iterable[str] = (),
+        forwarded_header: str = "X-Forwarded-For",
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI application")
@@ -174,6 +204,9 @@ class ContextMiddleware:
             id_generator=id_generator,
             reject_invalid_ids=reject_invalid_ids,
             update_request_headers=update_request_headers,
+            request_metadata=request_metadata,
+            trusted_proxies=trusted_proxies,
+            forwarded_header=forwarded_header,
         )
         self.admission = Admission(
             _check_authenticator(authenticator),
@@ -208,7 +241,11 @@ class ContextMiddleware:
                 )
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
-        ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer, flags)
+        reader = self.settings.metadata
+        metadata = NO_METADATA if reader is None else reader.read(scope, found)
+        ctx = request_context(
+            caller, request_id, correlation_id, trace_id, ws_id, outer, flags, metadata
+        )
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
             scope["headers"] = incoming

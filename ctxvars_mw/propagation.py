@@ -18,6 +18,9 @@
   calls, third parties included, so personal data (``user_id``) is opt-in and ``session_id``
   and claims can never be listed. A key that is not a context field is taken from trusted
   incoming baggage (``audit_metadata["baggage"]``), so allow-listing ``"tenant"`` forwards it.
+  The request's metadata (``client_ip``, ``user_agent``, ``method``, ``path``) is never sent:
+  it describes the request this service received, not the call it makes, and a downstream
+  service learns its client's address from its own trusted proxies.
 
 ``ContextTransport`` / ``AsyncContextTransport`` add these headers to every request an httpx
 client sends; a header the caller set explicitly on the request is never overridden. The
@@ -36,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from .context import UserExecutionContext
+from .context import REQUEST_METADATA_FIELDS, UserExecutionContext
 from .current import get_context_or_none
 from .envelope import dumps, loads
 from .errors import ConfigurationError
@@ -63,7 +66,9 @@ _FIELD_KEYS = {
     "operation": lambda c: c.operation,
     "auth_method": lambda c: c.auth_method,
 }
-_NEVER_FORWARDED = frozenset(["session_id", "claims", "db_session", "authorization", "token"])
+_NEVER_FORWARDED = frozenset(
+    ["session_id", "claims", "db_session", "authorization", "token", *REQUEST_METADATA_FIELDS]
+)
 _ZERO_SPAN = "0" * 16
 _UNSET = object()
 

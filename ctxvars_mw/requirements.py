@@ -7,9 +7,12 @@ at construction.
 
 Each denial emits one record on the ``ctxvars_mw.audit`` logger (INFO for 401, WARNING for
 403) with the attributes ``audit_event``, ``check``, ``match``, ``status``, ``required``,
-``held`` and the fields of :data:`ctxvars_mw.logging.CONTEXT_FIELDS` (``user_id``,
-``request_id``, ``parent_request_id``, ``correlation_id``, ``tier``, ``operation_depth``) —
-ids and names only, never a token, claim or secret.
+``held``, the fields of :data:`ctxvars_mw.logging.CONTEXT_FIELDS` (``user_id``,
+``request_id``, ``parent_request_id``, ``correlation_id``, ``tier``, ``operation_depth``) and
+those of :data:`~ctxvars_mw.request_metadata.REQUEST_METADATA_FIELDS` (``client_ip``,
+``user_agent``, ``method``, ``path``, as the middleware sanitised them; ``"-"`` when the
+context holds none) — ids, names and the request's own description, never a token, claim or
+secret.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any, NoReturn
 from .context import UserExecutionContext
 from .current import get_context_or_none
 from .errors import AuthenticationRequiredError, ConfigurationError, PermissionDeniedError
-from .logging import CONTEXT_FIELDS
+from .logging import CONTEXT_FIELDS, REQUEST_METADATA_FIELDS
 from .policy import check_name, check_permission
 from .tier import Tier
 
@@ -264,9 +267,9 @@ def audit_denial(
 
 
 def _audit_ids(ctx: UserExecutionContext | None) -> dict[str, Any]:
-    """The ids of the denied context (dashes when there is none)."""
+    """The ids and request metadata of the denied context (dashes when there is none)."""
     if ctx is None:
-        return dict.fromkeys(CONTEXT_FIELDS, "-")
+        return dict.fromkeys(CONTEXT_FIELDS + REQUEST_METADATA_FIELDS, "-")
     return {
         "user_id": ctx.user_id,
         "request_id": ctx.request_id,
@@ -274,4 +277,8 @@ def _audit_ids(ctx: UserExecutionContext | None) -> dict[str, Any]:
         "correlation_id": ctx.correlation_id,
         "tier": ctx.tier.value,
         "operation_depth": ctx.operation_depth,
+        "client_ip": ctx.client_ip or "-",
+        "user_agent": ctx.user_agent or "-",
+        "method": ctx.method or "-",
+        "path": ctx.path or "-",
     }

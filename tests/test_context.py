@@ -25,6 +25,7 @@ from ctxvars_mw import (
     set_id_rules,
     use_id_rules,
 )
+from ctxvars_mw.context import caller_template, request_context
 from ctxvars_mw.frozen import FrozenMap
 from ctxvars_mw.ids import get_id_rules
 
@@ -121,6 +122,10 @@ def full_context() -> UserExecutionContext:
         operation="agent.plan",
         operation_depth=2,
         parent_request_id="req_c51ce410c124a10e",
+        client_ip="2001:db8::7",
+        user_agent="Mozilla/5.0 (X11; Linux x86_64) Firefox/126.0",
+        method="POST",
+        path="/threads/42/messages",
         created_at=datetime(2024, 5, 1, 12, 30, tzinfo=UTC),
     )
 
@@ -145,6 +150,7 @@ def test_defaults_of_every_optional_field() -> None:
     assert ctx.operation is None
     assert ctx.operation_depth == 0
     assert ctx.parent_request_id is None
+    assert ctx.client_ip is ctx.user_agent is ctx.method is ctx.path is None
     assert ctx.db_session is None
 
 
@@ -654,6 +660,8 @@ def test_equal_contexts_hash_alike_and_db_session_is_ignored() -> None:
         {"is_authenticated": False},
         {"trace_id": None, "trace_flags": 0},
         {"trace_flags": 0x01},
+        {"client_ip": "203.0.113.7"},
+        {"path": "/other"},
     ],
 )
 def test_contexts_differing_in_one_field_are_unequal(change: dict[str, Any]) -> None:
@@ -739,6 +747,10 @@ def test_child_inherits_every_documented_field() -> None:
         "trace_flags",
         "agent_context",
         "audit_metadata",
+        "client_ip",
+        "user_agent",
+        "method",
+        "path",
     ):
         assert getattr(child, name) == getattr(parent, name), name
 
@@ -1048,3 +1060,91 @@ def test_name_lists_seen_before_are_still_checked_and_give_equal_sets() -> None:
     for bad in (["editor", ""], ["editor", 3], "editor", [["editor"]]):
         with pytest.raises(InvalidContextError):
             UserExecutionContext(user_id="user_2hNqYf3kT9xWzL", roles=bad)
+
+
+# -- request metadata ----------------------------------------------------------------------
+
+
+def test_request_metadata_is_kept_through_children_serialization_and_pickling() -> None:
+    """client_ip, user_agent, method and path survive child(), to_dict/from_dict, JSON,
+    pickling, and show in audit_trail()."""
+    ctx = full_context().child("tool.search")
+    expected = {
+        "client_ip": "2001:db8::7",
+        "user_agent": "Mozilla/5.0 (X11; Linux x86_64) Firefox/126.0",
+        "method": "POST",
+        "path": "/threads/42/messages",
+    }
+    for copy_ in (
+        ctx,
+        UserExecutionContext.from_json(ctx.to_json()),
+        pickle.loads(pickle.dumps(ctx)),
+    ):
+        assert {name: getattr(copy_, name) for name in expected} == expected
+    trail = ctx.audit_trail()
+    assert {name: trail[name] for name in expected} == expected
+    old = {k: v for k, v in ctx.to_dict().items() if k not in expected}
+    assert UserExecutionContext.from_dict(old).client_ip is None  # data written before the fields
+
+
+def test_client_ip_is_stored_canonical() -> None:
+    """Any spelling of an address is kept in its canonical form."""
+    assert make(client_ip="2001:DB8:0::1").client_ip == "2001:db8::1"
+    assert make(client_ip="::ffff:192.0.2.1").client_ip == "192.0.2.1"
+    assert make(client_ip="[2001:db8::1]:443").client_ip == "2001:db8::1"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"client_ip": "unknown"},
+        {"client_ip": ""},
+        {"client_ip": "203.0.113.7\n"},
+        {"client_ip": 3405803783},
+        {"user_agent": ""},
+        {"user_agent": "a\nb"},
+        {"user_agent": "x" * 257},
+        {"user_agent": b"curl/8"},
+        {"method": "GET\r\n"},
+        {"method": "X" * 33},
+        {"path": "/a\x1b[2J"},
+        {"path": "/" + "p" * 2048},
+        {"path": ""},
+    ],
+)
+def test_malformed_request_metadata_is_refused(kwargs: dict[str, Any]) -> None:
+    """The keyword constructor (and so from_dict and the envelope) accepts only what the
+    middleware records: an IP address, bounded printable texts."""
+    with pytest.raises(InvalidContextError):
+        make(**kwargs)
+
+
+def test_anonymous_contexts_may_describe_their_request() -> None:
+    """anonymous() records no request by default and takes the metadata fields."""
+    assert UserExecutionContext.anonymous().client_ip is None
+    anon = UserExecutionContext.anonymous(client_ip="192.0.2.1", method="GET", path="/")
+    assert (anon.client_ip, anon.method, anon.path) == ("192.0.2.1", "GET", "/")
+    assert UserExecutionContext.from_dict(anon.to_dict()) == anon
+
+
+def test_a_requests_context_takes_its_metadata_from_the_request_not_the_caller() -> None:
+    """request_context() sets the request's own fields, the metadata among them, and copies
+    every other field from the caller's template (a caller that held metadata leaks none)."""
+    caller = caller_template(full_context())
+    ctx = request_context(
+        caller, "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb", None, None,
+        metadata=("192.0.2.1", "curl/8", "GET", "/x"),
+    )  # fmt: skip
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == (
+        "192.0.2.1",
+        "curl/8",
+        "GET",
+        "/x",
+    )
+    assert ctx.user_id == USER
+    assert ctx.roles == full_context().roles
+    bare = request_context(
+        caller, "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb", None, None
+    )
+    assert bare.client_ip is bare.user_agent is bare.method is bare.path is None
+    assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx

@@ -314,3 +314,30 @@ def test_the_trace_and_its_flags_cross_in_the_envelope() -> None:
     received = loads(dumps(traced, SECRET), SECRET)
     assert (received.trace_id, received.trace_flags) == (traced.trace_id, 0x03)
     assert received == traced
+
+
+def test_the_request_metadata_crosses_the_envelope() -> None:
+    """client_ip, user_agent, method and path travel with the context (signed), and a
+    context stripped of them arrives without them."""
+    described = CTX.replace(
+        client_ip="2001:db8::7", user_agent="curl/8.5", method="POST", path="/jobs"
+    )
+    restored = loads(dumps(described, SECRET), SECRET)
+    assert (restored.client_ip, restored.user_agent, restored.method, restored.path) == (
+        "2001:db8::7",
+        "curl/8.5",
+        "POST",
+        "/jobs",
+    )
+    stripped = described.replace(client_ip=None, user_agent=None)
+    assert loads(dumps(stripped, SECRET), SECRET).client_ip is None
+
+
+def test_an_envelope_with_forged_metadata_is_refused() -> None:
+    """A signed envelope whose metadata the context would not accept (a raw, unparsable
+    address) is refused as invalid, not loaded."""
+    data = CTX.to_dict() | {"client_ip": "unknown\r\nX-Injected: 1"}
+    now = int(time.time())
+    token = _forge({"ctx": data, "iat": now, "exp": now + 60})
+    with pytest.raises(InvalidTokenError):
+        loads(token, SECRET)

@@ -15,9 +15,16 @@ import httpx
 import pytest
 import structlog
 
-from ctxvars_mw import ContextThreadPoolExecutor, Tier, UserExecutionContext, use_context
+from ctxvars_mw import (
+    ConfigurationError,
+    ContextThreadPoolExecutor,
+    Tier,
+    UserExecutionContext,
+    use_context,
+)
 from ctxvars_mw.logging import (
     ContextLogFilter,
+    StructlogProcessor,
     install_record_factory,
     structlog_processor,
     uninstall_record_factory,
@@ -478,3 +485,117 @@ def test_record_factory_and_structlog_carry_the_parent_request_id(
         root_event = structlog_processor(None, "info", {"event": "x"})
     assert event["parent_request_id"] == CTX.request_id
     assert root_event["parent_request_id"] is None
+
+
+# -- request metadata ----------------------------------------------------------------------
+
+VISITED = CTX.replace(client_ip="203.0.113.7", user_agent="curl/8.5", method="GET", path="/r/1")
+
+
+def test_the_filter_adds_request_metadata_only_when_asked() -> None:
+    """By default records carry ids only; ``request_metadata`` adds the named fields, with
+    ``default_value`` for a field the context does not hold and outside a request."""
+    with use_context(VISITED):
+        plain = _record()
+        ContextLogFilter().filter(plain)
+        chosen = _record()
+        ContextLogFilter(request_metadata=["client_ip", "path"]).filter(chosen)
+    assert not hasattr(plain, "client_ip")
+    assert (chosen.client_ip, chosen.path) == ("203.0.113.7", "/r/1")  # type: ignore[attr-defined]
+    assert not hasattr(chosen, "user_agent")
+    with use_context(CTX):
+        missing = _record()
+        ContextLogFilter(request_metadata=["client_ip"], default_value="?").filter(missing)
+    outside = _record()
+    ContextLogFilter(request_metadata=["method"]).filter(outside)
+    assert missing.client_ip == "?"  # type: ignore[attr-defined]
+    assert outside.method == "-"  # type: ignore[attr-defined]
+
+
+def test_the_filter_adds_metadata_to_records_the_factory_annotated(restore_factory: None) -> None:
+    """A filter asking for metadata adds it even to a record that already has the ids."""
+    install_record_factory()
+    with use_context(VISITED):
+        record = _record()
+        ContextLogFilter(request_metadata=["user_agent"]).filter(record)
+    assert record.user_agent == "curl/8.5"  # type: ignore[attr-defined]
+
+
+def test_the_filter_takes_request_metadata_in_dict_config() -> None:
+    """``request_metadata`` goes next to ``"()"`` in dictConfig, as a list."""
+    buffer = io.StringIO()
+    name = "ctxvars_mw.tests.metadata"
+    logging.config.dictConfig(
+        {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "filters": {
+                "ctx": {
+                    "()": "ctxvars_mw.logging.ContextLogFilter",
+                    "request_metadata": ["client_ip", "method", "path"],
+                }
+            },
+            "formatters": {"plain": {"format": "%(client_ip)s %(method)s %(path)s %(message)s"}},
+            "handlers": {
+                "buf": {
+                    "class": "logging.StreamHandler",
+                    "stream": buffer,
+                    "filters": ["ctx"],
+                    "formatter": "plain",
+                }
+            },
+            "loggers": {name: {"handlers": ["buf"], "level": "INFO", "propagate": False}},
+        }
+    )
+    try:
+        with use_context(VISITED):
+            logging.getLogger(name).info("served")
+        logging.getLogger(name).info("idle")
+    finally:
+        logging.getLogger(name).handlers.clear()
+    assert buffer.getvalue().splitlines() == ["203.0.113.7 GET /r/1 served", "- - - idle"]
+
+
+@pytest.mark.parametrize("value", ["client_ip", ["client_ip", "referer"], [None]])
+def test_an_unknown_request_metadata_name_is_a_configuration_error(value: Any) -> None:
+    """The filter, the record factory and the structlog processor check the names once."""
+    with pytest.raises(ConfigurationError):
+        ContextLogFilter(request_metadata=value)
+    with pytest.raises(ConfigurationError):
+        install_record_factory(request_metadata=value)
+    with pytest.raises(ConfigurationError):
+        StructlogProcessor(request_metadata=value)
+
+
+def test_the_record_factory_adds_the_metadata_it_was_asked_for(restore_factory: None) -> None:
+    """``install_record_factory(request_metadata=...)`` puts the fields on every record; a
+    later call changes which ones."""
+    install_record_factory(request_metadata=["client_ip"])
+    with use_context(VISITED):
+        first = _record()
+    install_record_factory(request_metadata=["path"])
+    with use_context(VISITED):
+        second = _record()
+    outside = _record()
+    assert first.client_ip == "203.0.113.7"  # type: ignore[attr-defined]
+    assert not hasattr(first, "path")
+    assert second.path == "/r/1"  # type: ignore[attr-defined]
+    assert not hasattr(second, "client_ip")
+    assert outside.path == "-"  # type: ignore[attr-defined]
+
+
+def test_the_structlog_processor_adds_the_metadata_it_was_asked_for() -> None:
+    """StructlogProcessor(request_metadata=...) adds the fields (None when absent); the
+    default ``structlog_processor`` adds ids only; keys the event has are kept."""
+    processor = StructlogProcessor(request_metadata=["client_ip", "user_agent"])
+    with use_context(VISITED):
+        event = processor(None, "info", {"event": "x", "user_agent": "mine"})
+        ids_only = structlog_processor(None, "info", {"event": "x"})
+    with use_context(CTX):
+        bare = processor(None, "info", {"event": "x"})
+    assert event["client_ip"] == "203.0.113.7"
+    assert event["user_agent"] == "mine"
+    assert event["request_id"] == VISITED.request_id
+    assert "client_ip" not in ids_only
+    assert bare["client_ip"] is None
+    assert processor(None, "info", {"event": "y"}) == {"event": "y"}

@@ -545,6 +545,22 @@ def test_denial_in_a_child_context_audits_its_parent_request_id(
     assert record.parent_request_id == parent.request_id  # type: ignore[attr-defined]
 
 
+def test_a_denial_audits_the_request_the_context_describes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The audit record names the client address, user agent, method and path of the
+    context ("-" for those it does not hold)."""
+    caplog.set_level(logging.INFO, logger="ctxvars_mw.audit")
+    ctx = context(roles={"user"}, client_ip="192.0.2.44", method="DELETE", path="/threads/9")
+    with use_context(ctx.child("tool.delete")), pytest.raises(PermissionDeniedError):
+        guarded(requires_role("admin"), "sync")()
+    [record] = audit_records(caplog)
+    assert record.client_ip == "192.0.2.44"  # type: ignore[attr-defined]
+    assert record.method == "DELETE"  # type: ignore[attr-defined]
+    assert record.path == "/threads/9"  # type: ignore[attr-defined]
+    assert record.user_agent == "-"  # type: ignore[attr-defined]
+
+
 def test_passing_checks_log_nothing(caplog: pytest.LogCaptureFixture) -> None:
     """An allowed call emits no audit record."""
     caplog.set_level(logging.DEBUG, logger="ctxvars_mw.audit")

@@ -118,9 +118,13 @@ def test_baggage_stays_within_the_w3c_limits() -> None:
     assert len(header.split(",")) == 64
 
 
-@pytest.mark.parametrize("key", ["session_id", "claims", "Authorization", "bad key", ""])
+@pytest.mark.parametrize(
+    "key",
+    ["session_id", "claims", "Authorization", "bad key", "", "client_ip", "User_Agent", "path"],
+)
 def test_baggage_keys_that_must_never_be_forwarded_are_refused(key: str) -> None:
-    """Session ids, claims, credentials and non-token keys cannot be allow-listed."""
+    """Session ids, claims, credentials, the request's metadata and non-token keys cannot be
+    allow-listed."""
     with pytest.raises(ConfigurationError):
         outgoing_headers(ALICE, baggage_keys=(key,))
     with pytest.raises(ConfigurationError):
@@ -442,3 +446,15 @@ async def test_every_call_of_a_request_has_its_own_parent_id() -> None:
     assert len({_traceparent(h)[1] for h in traced}) == 3
     assert len({_traceparent(h)[0] for h in untraced}) == 1
     assert len({_traceparent(h)[1] for h in untraced}) == 3
+
+
+def test_the_request_metadata_never_leaves_in_outgoing_headers() -> None:
+    """A context that describes its request sends neither its client's address nor its
+    user agent or path downstream."""
+    ctx = ALICE.replace(
+        client_ip="198.51.100.23", user_agent="agent-zz/9", method="PATCH", path="/p/xyz"
+    )
+    headers = outgoing_headers(ctx, baggage_keys=("tier", "user_id"))
+    sent = json.dumps(headers)
+    for value in ("198.51.100.23", "agent-zz", "PATCH", "/p/xyz"):
+        assert value not in sent

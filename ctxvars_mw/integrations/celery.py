@@ -181,7 +181,8 @@ def task_context(publisher: UserExecutionContext) -> UserExecutionContext:
     A new ``request_id``, ``parent_request_id`` set to the publisher's ``request_id`` and
     ``created_at`` set to now; everything else is the publisher's: the user and their rights,
     ``correlation_id``, ``thread_id``/``run_id``, ``trace_id``, ``websocket_client_id`` (so a
-    task can still address the client whose request published it) and the metadata.
+    task can still address the client whose request published it), the metadata and the
+    request's ``client_ip``, ``user_agent``, ``method`` and ``path``.
 
     This is narrower than :meth:`~ctxvars_mw.UserExecutionContext.child`, which also names an
     operation and counts one level of ``operation_depth`` towards its limit of

@@ -373,6 +373,20 @@ def test_eager_chains_and_retries_link_ids_as_a_worker_does(tmp_path: Path) -> N
     assert final["request_id"] == attempts[-1]["request_id"]
 
 
+def test_task_context_keeps_the_request_metadata_of_its_publisher() -> None:
+    """A task runs for the request that published it: same client, agent, method, path."""
+    publisher = CTX.replace(
+        client_ip="203.0.113.8", user_agent="ui/2", method="POST", path="/exports"
+    )
+    ctx = task_context(publisher)
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == (
+        "203.0.113.8",
+        "ui/2",
+        "POST",
+        "/exports",
+    )
+
+
 def test_task_context_is_a_child_that_keeps_operation_and_depth() -> None:
     """task_context() only changes the request id, the parent and the time: the operation and
     its depth stay, so a chain of tasks longer than MAX_OPERATION_DEPTH hops is fine."""
