@@ -186,8 +186,9 @@ class UserExecutionContext(_ContextBase):
     ) -> UserExecutionContext:
         # The keyword constructor: every value checked (InvalidContextError), in field order,
         # so of two bad values the first is reported. The common values are accepted with an
-        # ``is`` or a memo lookup. The checked values go straight into the slots of a
-        # ``_Filler`` (see the module docstring), which is then sealed.
+        # ``is`` or a memo lookup (an absent optional value skips its check's call). The
+        # checked values go straight into the slots of a ``_Filler`` (see the module
+        # docstring), which is then sealed.
         rules = get_id_rules()
         if type(is_authenticated) is not bool:
             _bad("is_authenticated must be a bool")
@@ -216,8 +217,10 @@ class UserExecutionContext(_ContextBase):
         ):
             _bad("the anonymous context has tier FREE and no roles, permissions or scopes")
         new.claims = EMPTY if claims is EMPTY else _check_metadata("claims", claims, reserved=False)
-        new.auth_method = _check_optional_text("auth_method", auth_method)
-        new.client_id = _check_optional_text("client_id", client_id)
+        new.auth_method = (
+            None if auth_method is None else _check_optional_text("auth_method", auth_method)
+        )
+        new.client_id = None if client_id is None else _check_optional_text("client_id", client_id)
         new.is_authenticated = is_authenticated
         new.agent_context = (
             EMPTY if agent_context is EMPTY else _check_metadata("agent_context", agent_context)
@@ -234,7 +237,7 @@ class UserExecutionContext(_ContextBase):
             _bad("trace_id must be 32 lowercase hex characters, not all zero")
         new.trace_id = trace_id
         new.trace_flags = 0 if trace_flags == 0 else _check_trace_flags(trace_flags, trace_id)
-        new.operation = _check_optional_text("operation", operation)
+        new.operation = None if operation is None else _check_optional_text("operation", operation)
         new.operation_depth = _check_depth(operation_depth)
         new.parent_request_id = (
             None
@@ -242,9 +245,15 @@ class UserExecutionContext(_ContextBase):
             else _id("parent_request_id", parent_request_id, rules)
         )
         new.client_ip = None if client_ip is None else _check_client_ip(client_ip)
-        new.user_agent = _check_request_text("user_agent", user_agent, MAX_USER_AGENT_LENGTH)
-        new.method = _check_request_text("method", method, MAX_METHOD_LENGTH)
-        new.path = _check_request_text("path", path, MAX_PATH_LENGTH)
+        new.user_agent = (
+            None
+            if user_agent is None
+            else _check_request_text("user_agent", user_agent, MAX_USER_AGENT_LENGTH)
+        )
+        new.method = (
+            None if method is None else _check_request_text("method", method, MAX_METHOD_LENGTH)
+        )
+        new.path = None if path is None else _check_request_text("path", path, MAX_PATH_LENGTH)
         new.created_at = _now(_UTC) if created_at is None else _check_created_at(created_at)
         new.db_session = db_session
         return _seal(new)

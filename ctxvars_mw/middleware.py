@@ -69,6 +69,8 @@ class Settings:
     #: The id header names as configured (``X-Request-ID``), by their lowercase bytes: for
     #: log lines and error descriptions.
     spelled: dict[bytes, str]
+    #: Incoming request and correlation ids are read (False: always generated).
+    trust_incoming_ids: bool
     #: The request headers the exchange reads (the id headers only when incoming ids are
     #: trusted, the credentials only with an authenticator, the user agent only when it is
     #: recorded, the forwarded header only when a proxy is trusted).
@@ -126,6 +128,7 @@ class Settings:
             cid,
             (rid, cid),
             {rid: names[0], cid: names[1]},
+            bool(trust_incoming_ids),
             frozenset(wanted),
             bool(trust_incoming_baggage),
             id_validator,
@@ -291,8 +294,11 @@ class ContextMiddleware:
             return outer.request_id, outer.correlation_id, trace, None
         settings = self.settings
         trace = trace_of(found.get(b"traceparent"))
-        raw_rid = found.get(settings.request_id_header)
-        raw_cid = found.get(settings.correlation_id_header)
+        if settings.trust_incoming_ids:
+            raw_rid = found.get(settings.request_id_header)
+            raw_cid = found.get(settings.correlation_id_header)
+        else:  # an edge service: the ids are always generated
+            raw_rid = raw_cid = None
         request_id = correlation_id = None
         if raw_rid is not None or raw_cid is not None:
             rules = get_id_rules()
@@ -369,9 +375,16 @@ def _replaced(header: str, new_id: str) -> None:
 def read_headers(
     headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes]
 ) -> dict[bytes, bytes]:
-    """The ``wanted`` request headers, by name; a header sent more than once has the value
-    :data:`~ctxvars_mw.auth.admission.REPEATED` (an id or ``traceparent`` that is ambiguous is
-    refused, two ``Authorization`` headers are a 400)."""
+    """The request headers by name, the ``wanted`` ones at least; a wanted header sent more
+    than once has the value :data:`~ctxvars_mw.auth.admission.REPEATED` (an id or
+    ``traceparent`` that is ambiguous is refused, two ``Authorization`` headers are a 400).
+
+    The common case, a header list without a repeated name, is one ``dict()`` of the list;
+    only a list with a repeat is walked to mark the wanted ones."""
+    if type(headers) is list:
+        every = dict(headers)
+        if len(every) == len(headers):
+            return every
     found: dict[bytes, bytes] = {}
     for name, value in headers:
         if name in wanted:

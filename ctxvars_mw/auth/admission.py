@@ -2,10 +2,12 @@
 
 :meth:`Admission.admit` runs these rules in order, each a small method:
 
-1. **The token** (:meth:`~Admission.token`): ``Authorization: Bearer``, on a websocket also the
-   ``bearer`` subprotocol and the opt-in query parameter. Credentials sent more than one way,
-   or two ``Authorization`` headers, are a 400; a token outside RFC 6750's characters a 401.
-2. **The identity**: the authenticator's public ``authenticate(conn)``. None means no
+1. **The token** (:meth:`~Admission.credentials`): ``Authorization: Bearer``, on a websocket
+   also the ``bearer`` subprotocol and the opt-in query parameter. Credentials sent more than
+   one way, or two ``Authorization`` headers, are a 400; a token outside RFC 6750's characters
+   a 401.
+2. **The identity**: first the authenticator's public ``cached(token)`` when it has one (a
+   token it verified before: no coroutine, no I/O), else its ``authenticate(conn)``. None means no
    credentials: anonymous, or a 401 where authentication is required and the path is not
    exempt. An authenticator that raises anything but our HTTP errors is a 401 (fail closed),
    logged by error type only.
@@ -23,7 +25,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .._memo import remember
 from ..context import CallerTemplate, UserExecutionContext, caller_template
@@ -50,7 +52,40 @@ logger = logging.getLogger("ctxvars_mw")
 REPEATED = b"\x00repeated"
 # RFC 6750 b64token: one or more of these, then any number of "=".
 _TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
+_TOKEN_TABLE = bytes(c if c in _TOKEN_CHARS else c ^ 1 for c in range(256))  # see _check_token
 _CALLERS_MAX = 4096
+
+
+def _cache_of(authenticator: Authenticator | None) -> Callable[[str], Identity | None] | None:
+    """The authenticator's public ``cached(token)``: the identity of a token it verified
+    before, answered without awaiting ``authenticate``. None when it has none, or when a
+    subclass overrides ``authenticate`` below the class that defines ``cached`` (the override
+    must see every request)."""
+    cached = getattr(authenticator, "cached", None)
+    if cached is None or not callable(cached):
+        return None
+    mro = type(authenticator).__mro__
+    owner = next((c for c in mro if "cached" in vars(c)), None)
+    verifier = next((c for c in mro if "authenticate" in vars(c)), None)
+    if owner is None or verifier is None or not issubclass(owner, verifier):
+        return None
+    return cached  # type: ignore[no-any-return]
+
+
+def _check_token(raw: bytes) -> None:
+    """Refuse a token outside RFC 6750's characters (``translate`` hands back the very same
+    object only when no byte is outside them)."""
+    body = raw.rstrip(b"=")
+    if not body or body.translate(_TOKEN_TABLE) is not body:
+        raise InvalidTokenError("The access token is malformed.")
+
+
+def _token_text(raw: bytes) -> str:
+    """The token as text; a non-ASCII one is malformed."""
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise InvalidTokenError("The access token is malformed.") from None
 
 
 class Admission:
@@ -85,6 +120,8 @@ class Admission:
         self.anonymous = caller_template(
             UserExecutionContext.anonymous(features=policy.features_for_tier(Tier.FREE))
         )
+        #: The authenticator's ``cached(token)`` (see :func:`_cache_of`), or None.
+        self.cached = _cache_of(authenticator)
         self._callers: dict[int, tuple[Identity, IdRules, CallerTemplate]] = {}
         self._outage = 0  # requests refused (or let through) since the store stopped answering
 
@@ -96,43 +133,67 @@ class Admission:
         Raises the HTTP error that refuses the request. Only for an admission with an
         authenticator: without one every caller is :attr:`anonymous`, and ContextMiddleware
         does not call this."""
-        token, subprotocol = self.token(scope, authorization)
-        identity = await self.identify(scope, token)
+        raw, subprotocol = self.credentials(scope, authorization)
+        identity = None
+        if raw is None:
+            token = None
+        else:
+            token = _token_text(raw)
+            if self.cached is not None:
+                identity = self.known(token)
         if identity is None:
-            return self.anonymous, None
+            if raw is not None:
+                _check_token(raw)
+            identity = await self.identify(scope, token)
+            if identity is None:
+                return self.anonymous, None
         caller = self.caller(identity)
         if identity.session_id is not None and self.session_store is not None:
             await self.check_session(identity.session_id, identity.user_id)
         return caller, subprotocol
 
-    def token(self, scope: Scope, authorization: bytes | None) -> tuple[str | None, str | None]:
-        """The bearer token, and the subprotocol marker it came with (websockets)."""
+    def credentials(
+        self, scope: Scope, authorization: bytes | None
+    ) -> tuple[bytes | None, str | None]:
+        """The bearer token as sent, and the subprotocol marker it came with (websockets)."""
         if authorization is REPEATED:
             raise InvalidRequestError("The Authorization header was sent more than once.")
-        found: list[bytes] = []
+        bearer = None
         if authorization is not None:
             scheme, _, credentials = authorization.partition(b" ")
             if scheme.lower() == b"bearer":
-                found.append(credentials.strip(b" "))
+                bearer = credentials.strip(b" ")
+        if scope["type"] != "websocket":
+            return bearer, None
+        found = [] if bearer is None else [bearer]
         subprotocol = None
-        if scope["type"] == "websocket":
-            offered = list(scope.get("subprotocols") or ())
-            for i, name in enumerate(offered[:-1]):
-                if isinstance(name, str) and name.lower() == "bearer":
-                    subprotocol = name
-                    found.append(str(offered[i + 1]).encode("utf-8"))
-            if self.query_param is not None:
-                value = Connection(scope).query_params.get(self.query_param)
-                if value is not None:
-                    found.append(value.encode("utf-8"))
+        offered = list(scope.get("subprotocols") or ())
+        for i, name in enumerate(offered[:-1]):
+            if isinstance(name, str) and name.lower() == "bearer":
+                subprotocol = name
+                found.append(str(offered[i + 1]).encode("utf-8"))
+        if self.query_param is not None:
+            value = Connection(scope).query_params.get(self.query_param)
+            if value is not None:
+                found.append(value.encode("utf-8"))
         if len(found) > 1:
             raise InvalidRequestError("The access token was sent in more than one way.")
-        if not found:
-            return None, None
-        body = found[0].rstrip(b"=")
-        if not body or body.translate(None, _TOKEN_CHARS):
-            raise InvalidTokenError("The access token is malformed.")
-        return found[0].decode("ascii"), subprotocol
+        return (found[0], subprotocol) if found else (None, None)
+
+    def known(self, token: str) -> Identity | None:
+        """The authenticator's cached identity of ``token`` (its public ``cached(token)``),
+        or None; one that raises anything but our HTTP errors refuses the token."""
+        assert self.cached is not None
+        try:
+            identity = self.cached(token)
+        except HTTPError:
+            raise
+        except Exception as exc:
+            logger.error(
+                "authenticator cache raised %s; the request is refused", type(exc).__name__
+            )
+            raise InvalidTokenError("The credentials could not be verified.") from None
+        return identity if identity is None or isinstance(identity, Identity) else None
 
     async def identify(self, scope: Scope, token: str | None) -> Identity | None:
         """The authenticator's verdict on ``token``: an Identity, or None (no credentials)."""

@@ -15,11 +15,15 @@ from typing import Any, Generic, Protocol, TypeVar
 __all__ = ["KeySet", "TTLCache", "VerifiedTokens", "token_digest"]
 
 V = TypeVar("V")
+_blake2b = hashlib.blake2b
 
 
 def token_digest(token: str) -> bytes:
-    """A 256-bit digest of ``token``: the cache key (collisions are infeasible)."""
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    """A 256-bit BLAKE2b digest of ``token``: the cache key (collisions are infeasible).
+
+    BLAKE2b rather than SHA-256: as collision-resistant, and about half the work on a
+    token of a few hundred bytes (it runs on every authenticated request)."""
+    return _blake2b(token.encode("utf-8", "surrogatepass"), digest_size=32).digest()
 
 
 class TTLCache(Generic[V]):

@@ -209,6 +209,13 @@ class OAuth2IntrospectionAuthenticator:
             return None
         return await self.verify(token)
 
+    def cached(self, token: str) -> Identity | None:
+        """The identity of ``token`` when an introspection answered it active and the answer
+        is still cached; else None (no request is made)."""
+        if len(token) > self.max_token_bytes:
+            raise InvalidTokenError("The access token is too large.")
+        return self._positive.get(token_digest(token))
+
     async def verify(self, token: str) -> Identity:
         """Introspect ``token`` (or answer from the caches)."""
         if len(token) > self.max_token_bytes:

@@ -240,6 +240,12 @@ class JWTAuthenticator:
         digest, cached = self._lookup(token)
         return cached if cached is not None else await self._verify_uncached(token, digest)
 
+    def cached(self, token: str) -> Identity | None:
+        """The identity of ``token`` when it was verified before and its entry is still live
+        (its ``exp`` not reached, its key still published); else None. No I/O, no signature
+        check: the middleware asks this first, and awaits :meth:`authenticate` only on a miss."""
+        return self._lookup(token)[1]
+
     async def verify(self, token: str) -> Identity:
         """Verify ``token`` and return its identity (InvalidTokenError when it is refused)."""
         digest, cached = self._lookup(token)
