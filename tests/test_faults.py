@@ -40,6 +40,7 @@ from ctxvars_mw.auth.redis_sessions import RedisSessionStore
 from ctxvars_mw.events import EventBus, RedisBackend
 from ctxvars_mw.testing import ContextRegistry
 from tests.apps.isolation_app import token_for
+from tests.scopes import http_scope
 from tests.servers import free_port, uvicorn_server, wait_for_port
 
 KEY = b"k" * 16 + bytes(range(16))
@@ -351,21 +352,8 @@ async def _settle() -> None:
     gc.collect()
 
 
-def _http_scope() -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"x-request-id", b"req-cancelled-0123456789")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+def _cancelled_scope() -> dict[str, Any]:
+    return http_scope("/", [(b"x-request-id", b"req-cancelled-0123456789")])
 
 
 async def test_a_cancelled_request_runs_its_cleanups_in_its_context_and_resets_it(
@@ -391,7 +379,7 @@ async def test_a_cancelled_request_runs_its_cleanups_in_its_context_and_resets_i
     async def send(message: dict[str, Any]) -> None:
         raise AssertionError("a cancelled request sends nothing")
 
-    task = asyncio.create_task(ContextMiddleware(app)(_http_scope(), receive, send))
+    task = asyncio.create_task(ContextMiddleware(app)(_cancelled_scope(), receive, send))
     await waiting.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -436,7 +424,7 @@ async def test_a_disconnect_mid_stream_cancels_the_body_and_runs_cleanups(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await ContextMiddleware(app)(_http_scope(), receive, send)
+    await ContextMiddleware(app)(_cancelled_scope(), receive, send)
     await _settle()
     rid = "req-cancelled-0123456789"
     assert ran == [f"finally:{rid}", f"cleanup:{rid}"]

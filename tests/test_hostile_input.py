@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 from ctxvars_mw import ContextMiddleware, get_context, get_context_or_none
 from ctxvars_mw.auth.jwt import JWTAuthenticator
+from tests.scopes import http_scope
 
 KEY = secrets.token_bytes(32)
 USER = "auth0|5f7c8ec7c33c6c004bbafe82"
@@ -249,24 +250,6 @@ def call(app: Any, scope: dict[str, Any]) -> Outcome:
     return Outcome(messages, "\n".join(logs.lines))
 
 
-def http_scope(headers: list[tuple[bytes, bytes]], path: str = "/", query: bytes = b"") -> Any:
-    """A well-formed ASGI http scope (what a server would build) around ``headers``."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogateescape"),
-        "root_path": "",
-        "query_string": query,
-        "headers": headers,
-        "client": ("127.0.0.1", 51000),
-        "server": ("127.0.0.1", 8000),
-    }
-
-
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -391,7 +374,7 @@ def test_hostile_headers_never_500_and_refused_ids_never_leak(
     ``trusting``: the middleware also parses incoming baggage/tracestate into the context.
     """
     headers = headers + [(f"x-filler-{n}".encode(), b"v") for n in range(fillers)]
-    out = call(TRUSTING_APP if trusting else OPEN_APP, http_scope(headers))
+    out = call(TRUSTING_APP if trusting else OPEN_APP, http_scope("/", headers))
     auth = _values(headers, b"authorization")
     if len(auth) > 1:
         assert out.status == 400
@@ -426,7 +409,7 @@ def random_scopes(draw: st.DrawFn) -> dict[str, Any]:
             st.just(QUERY_PARAM.encode() + b"=" + quote_from_bytes(query_token).encode()),
         )
     )
-    scope = http_scope(draw(header_list), path, query)
+    scope = http_scope(path, draw(header_list), query=query)
     scope.update(
         type=kind,
         client=draw(st.one_of(st.none(), st.tuples(st.just("10.0.0.1"), st.integers(0, 65535)))),
@@ -446,7 +429,7 @@ def random_scopes(draw: st.DrawFn) -> dict[str, Any]:
 
 def _ws_scope(query: bytes) -> dict[str, Any]:
     """A websocket handshake scope with ``query`` as its query string."""
-    scope = http_scope([(b"x-request-id", MARK)], "/ws", query)
+    scope = http_scope("/ws", [(b"x-request-id", MARK)], query=query)
     scope.update(type="websocket", scheme="ws", subprotocols=[])
     del scope["method"]
     return scope
@@ -508,7 +491,7 @@ def test_mutated_tokens_never_authenticate_and_never_leak(data: st.DataObject, w
     mutated = original if data.draw(st.booleans()) else _mutate(original, data)
     raw = mutated.encode("utf-8")
     headers: list[tuple[bytes, bytes]] = []
-    scope = http_scope(headers)
+    scope = http_scope("/", headers)
     if way in ("header", "twice"):
         headers.append((b"authorization", b"Bearer " + raw))
     if way == "twice":
@@ -563,7 +546,7 @@ claim_name = st.one_of(
 def test_signed_tokens_with_hostile_claims_are_200_or_401(claims: dict[str, Any]) -> None:
     """Validly signed tokens with odd claim types and values: a 200 for a sane subject, else 401."""
     raw = signed({"sub": USER, "exp": int(time.time()) + 600, **claims})
-    out = call(OPEN_APP, http_scope([(b"authorization", f"Bearer {raw}".encode())]))
+    out = call(OPEN_APP, http_scope("/", [(b"authorization", f"Bearer {raw}".encode())]))
     assert out.status in (200, 401)
     if out.status == 200:
         seen = out.summary()
@@ -599,7 +582,7 @@ def test_random_trace_headers_yield_a_valid_trace_id_or_none(
 ) -> None:
     """Random traceparent/baggage: the trace id is that of one valid traceparent, else None."""
     headers = [(b"traceparent", p) for p in parents] + [(b"baggage", b) for b in baggages]
-    out = call(OPEN_APP, http_scope(headers))
+    out = call(OPEN_APP, http_scope("/", headers))
     assert out.status == 200
     assert out.summary()["trace_id"] == expected_trace_id(parents)
     if expected_trace_id(parents) is None:
@@ -623,7 +606,7 @@ def test_an_app_error_is_a_500_without_the_exception_text() -> None:
 
     app = ContextMiddleware(failing_app, authenticator=AUTHENTICATOR)
     with captured_logs() as logs, pytest.raises(RuntimeError):
-        asyncio.run(app(http_scope([(b"x-request-id", b"\r\nINJECTED")]), receive, send))
+        asyncio.run(app(http_scope("/", [(b"x-request-id", b"\r\nINJECTED")]), receive, send))
     out = Outcome(messages, "\n".join(logs.lines))
     assert out.status == 500
     assert MARK not in out.exposed

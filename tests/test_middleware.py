@@ -47,6 +47,7 @@ from ctxvars_mw import (
 from ctxvars_mw.ids import HEADER_ID_RE, is_valid_id
 from ctxvars_mw.types import Message, Receive, Scope, Send
 from ctxvars_mw.w3c import parse_traceparent
+from tests.scopes import http_scope
 
 FREE_FEATURES = frozenset({"chat", "basic_agents", "history_7d"})
 VALID_RID = "req-7f3a9c2e41b84d0e9a55"
@@ -80,25 +81,6 @@ class Result:
     def json(self) -> Any:
         """The body as JSON."""
         return json.loads(self.body)
-
-
-def http_scope(path: str = "/", headers: Iterable[tuple[bytes, bytes]] = ()) -> Scope:
-    """A complete ASGI http scope."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": list(headers),
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
 
 
 async def request(app: Any, path: str = "/", headers: Iterable[tuple[bytes, bytes]] = ()) -> Result:

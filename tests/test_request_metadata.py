@@ -39,8 +39,9 @@ from ctxvars_mw.request_metadata import (
     check_metadata_names,
     clean_text,
 )
-from ctxvars_mw.types import Message, Receive, Scope, Send
+from ctxvars_mw.types import Receive, Scope, Send
 from tests.apps.metadata_app import starlette_app
+from tests.scopes import call, http_scope
 from tests.servers import uvicorn_server
 
 PEER = ("203.0.113.7", 51234)
@@ -202,37 +203,6 @@ def test_no_forwarded_header_keeps_the_trusted_peer() -> None:
 # -- sanitising ----------------------------------------------------------------------------
 
 
-async def call(
-    app: Any, changes: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> list[Message]:
-    """Run one request with a hand-made scope; the messages the app sent."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": list(headers),
-        "client": PEER,
-        "server": ("127.0.0.1", 8000),
-        **changes,
-    }
-    sent: list[Message] = []
-
-    async def receive() -> Message:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent
-
-
 async def context_of(
     changes: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
 ) -> UserExecutionContext:
@@ -243,7 +213,9 @@ async def context_of(
         found.append(get_context())
         await PlainTextResponse("ok")(scope, receive, send)
 
-    await call(ContextMiddleware(app), changes, headers)
+    scope = http_scope("/", headers, client=PEER)
+    scope.update(changes)
+    await call(ContextMiddleware(app), scope)
     return found[0]
 
 
