@@ -6,7 +6,9 @@ A request goes through five steps, each owned by one module:
    are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id and flags
    are read (:func:`ctxvars_mw.w3c.trace_of`); a :class:`Responder` owns the request's ``send``.
 2. **Admission** — who the caller is and whether they may enter
-   (:class:`ctxvars_mw.auth.admission.Admission`); a refusal is answered here, before the app.
+   (:class:`ctxvars_mw.auth.admission.Admission`), then, when the policy declares limits,
+   whether their tier's request rate allows this request
+   (:class:`ctxvars_mw.ratelimit.limiter.Limiter`); a refusal is answered here, before the app.
 3. **Enter** — the request's context, derived from the caller's
    (:func:`ctxvars_mw.context.request_context`), is made current with its cleanup list
    (:func:`ctxvars_mw.resources.open_scope`).
@@ -18,7 +20,7 @@ A request goes through five steps, each owned by one module:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +35,15 @@ from .errors import (
     HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
+    RateLimitedError,
+    ServiceUnavailableError,
 )
 from .frozen import freeze_mapping
 from .ids import accept_header_id, check_id_header_names, generate_id, get_id_rules
 from .policy import Policy
+from .ratelimit.guards import reset_limiter, set_limiter
+from .ratelimit.limiter import Limiter, client_address
+from .ratelimit.store import LimitStore
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -47,6 +54,8 @@ __all__ = ["ContextMiddleware", "Responder", "Settings", "read_headers"]
 logger = logging.getLogger("ctxvars_mw")
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
 _SESSION_FAILURE = ("closed", "open")
+#: What the app may raise before its response starts and have answered as JSON.
+_ANSWERED = (AuthenticationError, PermissionDeniedError, RateLimitedError, ServiceUnavailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,16 @@ class ContextMiddleware:
     requests that bring none), ``reject_invalid_ids`` (answer a refused incoming id with a
     400 instead of replacing it) and ``update_request_headers`` (on: the request's own id
     headers show the ids in use, so the app and what it forwards see them).
+
+    Metering, when the policy declares ``tier_limits`` (or ``route_limits`` are given): every
+    request is counted against its caller's tier's rates after admission, before the app; a
+    refusal is a 429 with ``Retry-After``, and every answer carries the RateLimit headers
+    (see :mod:`ctxvars_mw.ratelimit`). ``limit_store`` keeps the counts (default in memory;
+    a :class:`~ctxvars_mw.RedisLimitStore` for many processes), ``limit_failure``
+    (``"closed"``: 503 with ``Retry-After: retry_after`` while the store is unreachable;
+    ``"open"``: let requests through unmetered), ``limit_key`` (``"user"`` or
+    ``"session"``: who a caller's count belongs to) and ``route_limits`` (path → tier →
+    rates, replacing the tier's rates on those paths).
     """
 
     def __init__(
@@ -160,6 +179,10 @@ class ContextMiddleware:
         id_generator: Callable[[], str] | None = None,
         reject_invalid_ids: bool = False,
         update_request_headers: bool = True,
+        limit_store: LimitStore | None = None,
+        limit_failure: str = "closed",
+        limit_key: str = "user",
+        route_limits: Mapping[str, Mapping[Any, Any]] | None = None,
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI application")
@@ -185,6 +208,9 @@ class ContextMiddleware:
             retry_after=_check_retry_after(retry_after),
             query_param=_check_query_param(websocket_token_query_param),
         )
+        self.limiter = _limiter(
+            self.admission.policy, limit_store, limit_failure, retry_after, limit_key, route_limits
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -209,6 +235,12 @@ class ContextMiddleware:
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
         ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer, flags)
+        limiter = self.limiter
+        if limiter is not None and refusal is None and outer is None:
+            try:
+                responder.id_headers += await limiter.check_request(scope, ctx)
+            except HTTPError as exc:  # 429, or 503 from a store that is down (failing closed)
+                refusal = exc
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
             scope["headers"] = incoming
@@ -217,11 +249,12 @@ class ContextMiddleware:
             ctx = with_incoming_baggage(ctx, headers)
         cleanups: list[Cleanup] = []
         token = open_frame(ctx, cleanups, headers)
+        metering = None if limiter is None else set_limiter(limiter, client_address(scope))
         try:
             await self.app(
                 scope, receive, responder.send_http if kind == "http" else responder.send_websocket
             )
-        except (AuthenticationError, PermissionDeniedError) as exc:
+        except _ANSWERED as exc:
             if responder.started:
                 raise
             await responder.refuse(scope, receive, exc)
@@ -232,6 +265,8 @@ class ContextMiddleware:
             raise
         finally:
             scope["headers"] = incoming  # the scope leaves as it came
+            if metering is not None:
+                reset_limiter(metering)
             try:
                 if cleanups:
                     await run_cleanups(cleanups)
@@ -511,6 +546,32 @@ def _check_retry_after(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError("retry_after must be a positive int (seconds)")
     return value
+
+
+def _limiter(
+    policy: Policy,
+    store: LimitStore | None,
+    failure: str,
+    retry_after: int,
+    key: str,
+    route_limits: Mapping[str, Mapping[Any, Any]] | None,
+) -> Limiter | None:
+    """The middleware's limiter: None (no work per request) unless the policy declares
+    limits or ``route_limits`` are given."""
+    if not policy.has_limits and route_limits is None:
+        if store is not None:
+            raise ConfigurationError(
+                "limit_store needs a policy with tier_limits (or route_limits)"
+            )
+        return None
+    return Limiter(
+        policy,
+        store=store,
+        failure=failure,
+        retry_after=retry_after,
+        key=key,
+        route_limits=route_limits,
+    )
 
 
 def _check_query_param(value: object) -> str | None:
