@@ -20,7 +20,8 @@ from typing import Any, ParamSpec, TypeVar, cast
 from ..context import UserExecutionContext
 from ..current import get_context
 from ..errors import ConfigurationError
-from .declarations import compile_rate_table
+from ..tier import Tier
+from .declarations import Rate, compile_rate_table
 from .limiter import Limiter, QuotaUsage, plans_for
 
 __all__ = [
@@ -117,8 +118,8 @@ class _RateCheck:
 
     __slots__ = ("plans",)
 
-    def __init__(self, table: Mapping[Any, Any], bucket: str) -> None:
-        self.plans = plans_for(bucket, compile_rate_table("rate_limit()", table))
+    def __init__(self, rates: Mapping[Tier, tuple[Rate, ...]], bucket: str) -> None:
+        self.plans = plans_for(bucket, rates)
 
     async def enforce(self) -> UserExecutionContext:
         ctx = get_context()
@@ -137,10 +138,11 @@ def rate_limit(
     its first are not limited here), counted per caller under ``name`` (default: the
     function's qualified name). A refused call raises :class:`~ctxvars_mw.RateLimitedError`
     (429) and does not run."""
+    rates = compile_rate_table("rate_limit()", table)
 
     def decorator(fn: Callable[P, R]) -> Callable[P, R]:
         _async_only("rate_limit()", fn)
-        check = _RateCheck(table, f"fn:{name or fn.__qualname__}")
+        check = _RateCheck(rates, f"fn:{name or fn.__qualname__}")
         call = cast("Callable[..., Coroutine[Any, Any, Any]]", fn)
 
         @functools.wraps(fn)
@@ -172,7 +174,7 @@ def depends_rate_limit(
 ) -> Callable[[], Coroutine[Any, Any, UserExecutionContext]]:
     """``Depends(depends_rate_limit(table, name=...))``: count the call against a rate limit
     of its own (see :func:`rate_limit`), return the current context."""
-    check = _RateCheck(table, f"dep:{name}")
+    check = _RateCheck(compile_rate_table("require_rate_limit()", table), f"dep:{name}")
 
     async def dependency() -> UserExecutionContext:
         return await check.enforce()
