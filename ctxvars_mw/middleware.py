@@ -42,7 +42,7 @@ from .frozen import freeze_mapping
 from .ids import accept_header_id, check_id_header_names, generate_id, get_id_rules
 from .policy import Policy
 from .ratelimit.guards import reset_limiter, set_limiter
-from .ratelimit.limiter import Limiter, client_address
+from .ratelimit.limiter import Limiter
 from .ratelimit.store import LimitStore
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
@@ -237,10 +237,12 @@ class ContextMiddleware:
         ctx = request_context(caller, request_id, correlation_id, trace_id, ws_id, outer, flags)
         limiter = self.limiter
         if limiter is not None and refusal is None and outer is None:
-            try:
-                responder.id_headers += await limiter.check_request(scope, ctx)
-            except HTTPError as exc:  # 429, or 503 from a store that is down (failing closed)
-                refusal = exc
+            check = limiter.check_request(scope, ctx)
+            if check is not None:
+                try:
+                    responder.id_headers += await check
+                except HTTPError as exc:  # 429, or 503 from a store that is down (closed)
+                    refusal = exc
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
             scope["headers"] = incoming
@@ -249,7 +251,7 @@ class ContextMiddleware:
             ctx = with_incoming_baggage(ctx, headers)
         cleanups: list[Cleanup] = []
         token = open_frame(ctx, cleanups, headers)
-        metering = None if limiter is None else set_limiter(limiter, client_address(scope))
+        metering = None if limiter is None else set_limiter(limiter, scope)
         try:
             await self.app(
                 scope, receive, responder.send_http if kind == "http" else responder.send_websocket

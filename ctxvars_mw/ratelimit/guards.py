@@ -21,6 +21,7 @@ from ..context import UserExecutionContext
 from ..current import get_context
 from ..errors import ConfigurationError
 from ..tier import Tier
+from ..types import Scope
 from .declarations import Rate, compile_rate_table
 from .limiter import Limiter, QuotaUsage, plans_for
 
@@ -38,26 +39,27 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The limiter of the request being handled, and the request's client address.
-_current: ContextVar[tuple[Limiter, str] | None] = ContextVar("ctxvars_mw.limiter", default=None)
-reset_limiter: Callable[[Token[tuple[Limiter, str] | None]], None] = _current.reset
+#: The limiter of the request being handled, and the request's scope.
+_Current = tuple[Limiter, Scope] | None
+_current: ContextVar[_Current] = ContextVar("ctxvars_mw.limiter", default=None)
+reset_limiter: Callable[[Token[_Current]], None] = _current.reset
 
 
-def set_limiter(limiter: Limiter, address: str) -> Token[tuple[Limiter, str] | None]:
-    """Make ``limiter`` the current request's (``address``: its client address); undo with
-    :func:`reset_limiter` and the token."""
-    return _current.set((limiter, address))
+def set_limiter(limiter: Limiter, scope: Scope) -> Token[_Current]:
+    """Make ``limiter`` the limiter of the request ``scope``; undo with :func:`reset_limiter`
+    and the token."""
+    return _current.set((limiter, scope))
 
 
-def current_limiter() -> tuple[Limiter, str] | None:
-    """The current request's limiter and client address, if its middleware meters."""
+def current_limiter() -> _Current:
+    """The current request's limiter and scope, if its middleware meters."""
     return _current.get()
 
 
-def _limiter(given: Limiter | None, what: str) -> tuple[Limiter, str]:
+def _limiter(given: Limiter | None, what: str) -> tuple[Limiter, Scope | None]:
     found = _current.get()
     if given is not None:
-        return given, "unknown" if found is None else found[1]
+        return given, None if found is None else found[1]
     if found is None:
         raise ConfigurationError(
             f"{what} needs a limiter: run it in a request handled by a ContextMiddleware "
@@ -83,8 +85,8 @@ async def consume(name: str, amount: int = 1, *, limiter: Limiter | None = None)
     """
     _check_amount(amount)
     ctx = get_context()
-    limiter, address = _limiter(limiter, "consume()")
-    return await limiter.consume(ctx, limiter.caller_key(ctx, address), name, amount)
+    limiter, scope = _limiter(limiter, "consume()")
+    return await limiter.consume(ctx, limiter.caller_key(ctx, scope), name, amount)
 
 
 def _async_only(what: str, fn: Callable[..., Any]) -> None:
@@ -125,8 +127,8 @@ class _RateCheck:
         ctx = get_context()
         plan = self.plans.get(ctx.tier)
         if plan is not None:
-            limiter, address = _limiter(None, "rate_limit()")
-            await limiter.hit(limiter.caller_key(ctx, address), plan, ctx)
+            limiter, scope = _limiter(None, "rate_limit()")
+            await limiter.hit(limiter.caller_key(ctx, scope), plan, ctx)
         return ctx
 
 

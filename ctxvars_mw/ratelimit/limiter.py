@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, NamedTuple
 
 from ..context import UserExecutionContext
@@ -62,12 +62,19 @@ def client_address(scope: Scope) -> str:
 
 
 class Plan(NamedTuple):
-    """The rates one tier meets in one place: their key suffixes (one per rate, naming the
-    counter), the rates, and the ``RateLimit-Policy`` field value."""
+    """The rates one tier meets in one place, with what each check needs made in advance:
+    the key suffixes (one per rate, naming its counter), the rates, the ``RateLimit-Policy``
+    header, and each rate's ``RateLimit`` item as a format (``b'"minute";r=%d;t=%d'``)."""
 
     suffixes: tuple[str, ...]
     rates: tuple[Rate, ...]
-    policy_header: bytes
+    policy: tuple[bytes, bytes]
+    formats: tuple[bytes, ...]
+
+    @property
+    def policy_header(self) -> bytes:
+        """The ``RateLimit-Policy`` field value."""
+        return self.policy[1]
 
 
 def plans_for(bucket: str, rates_by_tier: Mapping[Tier, tuple[Rate, ...]]) -> dict[Tier, Plan]:
@@ -77,7 +84,9 @@ def plans_for(bucket: str, rates_by_tier: Mapping[Tier, tuple[Rate, ...]]) -> di
         if rates:
             header = ",".join(f'"{r.name}";q={r.limit};w={r.seconds}' for r in rates)
             suffixes = tuple(f"|{bucket}|{r.seconds}" for r in rates)
-            plans[tier] = Plan(suffixes, rates, header.encode("ascii"))
+            formats = tuple(f'"{r.name}";r=%d;t=%d'.encode("ascii") for r in rates)
+            policy = (b"ratelimit-policy", header.encode("ascii"))
+            plans[tier] = Plan(suffixes, rates, policy, formats)
     return plans
 
 
@@ -135,17 +144,19 @@ class Limiter:
         self.quotas = {t: policy.limits_for_tier(t).quotas for t in Tier}
         self.quota_names = frozenset(self.quotas[Tier.FREE])
         self.route_exact, self.route_prefixes = _routes(route_limits or {}, self.plans)
+        self.routed = bool(self.route_exact or self.route_prefixes)
         self._outage = 0  # checks that met the store unavailable since it last answered
         self._warned = 0.0
 
-    def caller_key(self, ctx: UserExecutionContext, address: str) -> str:
+    def caller_key(self, ctx: UserExecutionContext, scope: Scope | None) -> str:
         """Who ``ctx``'s limits count against: ``u:<user id>``, ``s:<session id>`` (with
-        ``key="session"``) or, for an anonymous caller, ``ip:<address>``."""
+        ``key="session"``) or, for an anonymous caller, ``ip:<address>`` (the client address
+        of the request ``scope``, when there is one)."""
         if not ctx.is_authenticated:
-            return f"ip:{address}"
+            return "ip:" + (client_address(scope) if scope is not None else "unknown")
         if self.by_session and ctx.session_id is not None:
-            return f"s:{ctx.session_id}"
-        return f"u:{ctx.user_id}"
+            return "s:" + ctx.session_id
+        return "u:" + ctx.user_id
 
     def plan(self, path: str, tier: Tier) -> Plan | None:
         """The rates a request to ``path`` by a ``tier`` caller meets (None: none)."""
@@ -158,27 +169,33 @@ class Limiter:
                 return route.get(tier)
         return self.plans.get(tier)
 
-    async def check_request(
+    def check_request(
         self, scope: Scope, ctx: UserExecutionContext
-    ) -> list[tuple[bytes, bytes]]:
-        """Count the request; return the RateLimit headers for its answer (none when its
-        tier has no rate). Raises :class:`RateLimitedError` (429), or
-        :class:`ServiceUnavailableError` (503) when the store is down and failing closed."""
-        plan = self.plan(scope.get("path", ""), ctx.tier)
+    ) -> Coroutine[Any, Any, list[tuple[bytes, bytes]]] | None:
+        """The check of one request: None when its caller's tier has no rate there (nothing
+        to count, nothing to await); else the :meth:`hit` to await, which returns the
+        RateLimit headers for the answer, or raises :class:`RateLimitedError` (429) or, when
+        the store is down and failing closed, :class:`ServiceUnavailableError` (503)."""
+        if self.routed:
+            plan = self.plan(scope.get("path", ""), ctx.tier)
+        else:
+            plan = self.plans.get(ctx.tier)
         if plan is None:
-            return []
-        return await self.hit(self.caller_key(ctx, client_address(scope)), plan, ctx)
+            return None
+        return self.hit(self.caller_key(ctx, scope), plan, ctx)
 
     async def hit(self, caller: str, plan: Plan, ctx: UserExecutionContext) -> list[Any]:
         """Count one request of ``caller`` against ``plan``; the RateLimit headers, or raise."""
+        suffixes = plan.suffixes
+        keys = [caller + suffixes[0]] if len(suffixes) == 1 else [caller + s for s in suffixes]
         try:
-            verdict = await self.store.hit([caller + s for s in plan.suffixes], plan.rates)
+            verdict = await self.store.hit(keys, plan.rates)
         except ServiceUnavailableError as exc:
             self._unavailable(exc)
             return []
         if self._outage:
             self._recovered()
-        headers = [(b"ratelimit-policy", plan.policy_header), _state_header(plan, verdict)]
+        headers = [plan.policy, _state_header(plan, verdict)]
         if verdict.allowed:
             return headers
         retry_after = max(1, math.ceil(verdict.retry_after_us / 1_000_000))
@@ -259,12 +276,19 @@ class Limiter:
 
 def _state_header(plan: Plan, verdict: RateVerdict) -> tuple[bytes, bytes]:
     """The ``RateLimit`` field: each rate's ``r`` and ``t`` (see the module docstring)."""
-    items = []
-    for rate, (remaining, reset_us) in zip(plan.rates, verdict.states, strict=True):
+    states = verdict.states
+    if len(states) == 1:  # the common case, without a loop
+        remaining, reset_us = states[0]
         if remaining < 1:  # until the next request is admitted
+            rate = plan.rates[0]
             reset_us += rate.interval_us - rate.capacity_us
-        items.append(f'"{rate.name}";r={max(0, remaining)};t={max(0, -(-reset_us // 1_000_000))}')
-    return b"ratelimit", ",".join(items).encode("ascii")
+        return b"ratelimit", plan.formats[0] % (remaining, -(-reset_us // 1_000_000))
+    items = []
+    for rate, fmt, (remaining, reset_us) in zip(plan.rates, plan.formats, states, strict=True):
+        if remaining < 1:
+            reset_us += rate.interval_us - rate.capacity_us
+        items.append(fmt % (remaining, -(-reset_us // 1_000_000)))
+    return b"ratelimit", b",".join(items)
 
 
 def _audit(ctx: UserExecutionContext, check: str, names: list[str], retry_after: int) -> None:

@@ -42,6 +42,9 @@ class RateVerdict(NamedTuple):
     states: tuple[tuple[int, int], ...]
 
 
+_verdict = tuple.__new__  # a RateVerdict without its Python-level __new__ (the hot path)
+
+
 class QuotaVerdict(NamedTuple):
     """A quota consumption's answer: ``allowed`` and the units ``used`` in the period (after
     the consumption when allowed)."""
@@ -119,13 +122,20 @@ class InMemoryLimitStore:
         if now >= self._next_sweep or len(self._tats) >= self.max_keys:
             self.sweep(now)
         tats = self._tats
-        if len(keys) == 1:  # the common case: one rate
+        if len(keys) == 1:  # the common case: gcra() and rate_state() written out
             key, rate = keys[0], rates[0]
-            base, new, late = gcra(tats.get(key, 0), now, rate, cost)
+            interval = rate.interval_us
+            base = tats.get(key, 0)
+            if base < now:
+                base = now
+            new = base + cost * interval
+            late = new - rate.capacity_us - now
             if late > 0:
-                return RateVerdict(False, late, (rate_state(base, now, rate),))
+                state = ((rate.capacity_us - base + now) // interval, base - now)
+                return _verdict(RateVerdict, (False, late, (state,)))
             tats[key] = new
-            return RateVerdict(True, 0, (rate_state(new, now, rate),))
+            state = ((rate.capacity_us - new + now) // interval, new - now)
+            return _verdict(RateVerdict, (True, 0, (state,)))
         steps = [gcra(tats.get(k, 0), now, r, cost) for k, r in zip(keys, rates, strict=True)]
         late = max(step[2] for step in steps)
         if late > 0:
