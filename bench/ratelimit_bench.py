@@ -233,6 +233,7 @@ async def _time_redis(n: int, blocks: int = 5) -> dict[str, Any]:
             if keys:
                 await client.delete(*keys)
         await client.aclose(close_connection_pool=True)
+        await storage.bridge.storage.aclose()  # limits keeps its redis-py client there
     return {"latency_us": latency, "round_trips_per_check": trips}
 
 
