@@ -251,7 +251,7 @@ class ContextMiddleware:
             ctx = with_incoming_baggage(ctx, headers)
         cleanups: list[Cleanup] = []
         token = open_frame(ctx, cleanups, headers)
-        metering = None if limiter is None else set_limiter(limiter, scope)
+        metering = None if limiter is None else set_limiter((limiter, scope))
         try:
             await self.app(
                 scope, receive, responder.send_http if kind == "http" else responder.send_websocket

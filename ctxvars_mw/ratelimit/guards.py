@@ -45,10 +45,10 @@ _current: ContextVar[_Current] = ContextVar("ctxvars_mw.limiter", default=None)
 reset_limiter: Callable[[Token[_Current]], None] = _current.reset
 
 
-def set_limiter(limiter: Limiter, scope: Scope) -> Token[_Current]:
-    """Make ``limiter`` the limiter of the request ``scope``; undo with :func:`reset_limiter`
-    and the token."""
-    return _current.set((limiter, scope))
+#: ``set_limiter((limiter, scope))``: make ``limiter`` the limiter of the request ``scope``
+#: (the ContextVar's own ``set``: no call of ours in between); undo with :func:`reset_limiter`
+#: and the token.
+set_limiter: Callable[[_Current], Token[_Current]] = _current.set
 
 
 def current_limiter() -> _Current:

@@ -152,11 +152,11 @@ class Limiter:
         """Who ``ctx``'s limits count against: ``u:<user id>``, ``s:<session id>`` (with
         ``key="session"``) or, for an anonymous caller, ``ip:<address>`` (the client address
         of the request ``scope``, when there is one)."""
-        if not ctx.is_authenticated:
-            return "ip:" + (client_address(scope) if scope is not None else "unknown")
-        if self.by_session and ctx.session_id is not None:
-            return "s:" + ctx.session_id
-        return "u:" + ctx.user_id
+        if ctx.is_authenticated:
+            if self.by_session and ctx.session_id is not None:
+                return "s:" + ctx.session_id
+            return "u:" + ctx.user_id
+        return "ip:" + (client_address(scope) if scope is not None else "unknown")
 
     def plan(self, path: str, tier: Tier) -> Plan | None:
         """The rates a request to ``path`` by a ``tier`` caller meets (None: none)."""
@@ -195,7 +195,15 @@ class Limiter:
             return []
         if self._outage:
             self._recovered()
-        headers = [plan.policy, _state_header(plan, verdict)]
+        states = verdict.states
+        if len(states) == 1:  # the common case: _state_header() written out
+            remaining, reset_us = states[0]
+            if remaining < 1:  # until the next request is admitted
+                reset_us += plan.rates[0].interval_us - plan.rates[0].capacity_us
+            state = plan.formats[0] % (remaining, -(-reset_us // 1_000_000))
+            headers = [plan.policy, (b"ratelimit", state)]
+        else:
+            headers = [plan.policy, _state_header(plan, verdict)]
         if verdict.allowed:
             return headers
         retry_after = max(1, math.ceil(verdict.retry_after_us / 1_000_000))
@@ -275,16 +283,12 @@ class Limiter:
 
 
 def _state_header(plan: Plan, verdict: RateVerdict) -> tuple[bytes, bytes]:
-    """The ``RateLimit`` field: each rate's ``r`` and ``t`` (see the module docstring)."""
-    states = verdict.states
-    if len(states) == 1:  # the common case, without a loop
-        remaining, reset_us = states[0]
-        if remaining < 1:  # until the next request is admitted
-            rate = plan.rates[0]
-            reset_us += rate.interval_us - rate.capacity_us
-        return b"ratelimit", plan.formats[0] % (remaining, -(-reset_us // 1_000_000))
+    """The ``RateLimit`` field: each rate's ``r`` and ``t`` (see the module docstring): at
+    ``r=0``, ``t`` is the time until the next request is admitted."""
     items = []
-    for rate, fmt, (remaining, reset_us) in zip(plan.rates, plan.formats, states, strict=True):
+    for rate, fmt, (remaining, reset_us) in zip(
+        plan.rates, plan.formats, verdict.states, strict=True
+    ):
         if remaining < 1:
             reset_us += rate.interval_us - rate.capacity_us
         items.append(fmt % (remaining, -(-reset_us // 1_000_000)))

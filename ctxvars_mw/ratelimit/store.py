@@ -119,7 +119,7 @@ class InMemoryLimitStore:
     async def hit(self, keys: Sequence[str], rates: Sequence[Rate], cost: int = 1) -> RateVerdict:
         """Count a request against ``rates`` (see :class:`LimitStore`)."""
         now = int(self.clock() * 1_000_000)
-        if now >= self._next_sweep or len(self._tats) >= self.max_keys:
+        if now >= self._next_sweep:
             self.sweep(now)
         tats = self._tats
         if len(keys) == 1:  # the common case: gcra() and rate_state() written out
@@ -127,6 +127,9 @@ class InMemoryLimitStore:
             interval = rate.interval_us
             base = tats.get(key, 0)
             if base < now:
+                if not base and len(tats) >= self.max_keys:  # a new key, and no room
+                    self.sweep(now)
+                    tats = self._tats
                 base = now
             new = base + cost * interval
             late = new - rate.capacity_us - now
@@ -136,6 +139,9 @@ class InMemoryLimitStore:
             tats[key] = new
             state = ((rate.capacity_us - new + now) // interval, new - now)
             return _verdict(RateVerdict, (True, 0, (state,)))
+        if len(tats) >= self.max_keys:
+            self.sweep(now)
+            tats = self._tats
         steps = [gcra(tats.get(k, 0), now, r, cost) for k, r in zip(keys, rates, strict=True)]
         late = max(step[2] for step in steps)
         if late > 0:
