@@ -12,6 +12,7 @@ import pytest
 from ctxvars_mw import ConfigurationError, Policy, Tier
 from ctxvars_mw.ratelimit import Quota, Rate, TierLimits
 from ctxvars_mw.ratelimit.declarations import compile_rate_table
+from ctxvars_mw.ratelimit.limiter import plans_for
 
 SAAS: dict[str, Any] = {
     "free": {"rate": "60/minute", "quotas": {"agent_runs": "1000/month", "exports": "10/day"}},
@@ -114,8 +115,11 @@ def test_tier_limits_round_trip_through_json_and_toml() -> None:
 
 def test_the_policy_header_lists_each_rate() -> None:
     """RateLimit-Policy: one quoted name per rate, with its quota and window in seconds."""
-    limits = saas_policy().limits_for_tier(Tier.ENTERPRISE)
-    assert limits.policy_header == b'"second";q=100;w=1,"hour";q=20000;w=3600'
+    rates = saas_policy().limits_for_tier(Tier.ENTERPRISE).rates
+    plan = plans_for("", {Tier.ENTERPRISE: rates})[Tier.ENTERPRISE]
+    assert plan.policy == (b"ratelimit-policy", b'"second";q=100;w=1,"hour";q=20000;w=3600')
+    assert plan.formats == (b'"second";r=%d;t=%d', b'"hour";r=%d;t=%d')
+    assert plans_for("", {Tier.INTERNAL: ()}) == {}  # no rates, no plan: nothing to check
 
 
 def test_a_rate_table_leaves_out_the_tiers_below_its_first() -> None:

@@ -18,7 +18,6 @@ Plain-data spellings (JSON, TOML): a rate is ``"60/minute"`` (units ``second``, 
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -159,11 +158,6 @@ class TierLimits:
     rates: tuple[Rate, ...] = ()
     quotas: Mapping[str, Quota | None] = field(default_factory=dict)
 
-    @property
-    def policy_header(self) -> bytes:
-        """The ``RateLimit-Policy`` field value of the rates (empty without rates)."""
-        return ",".join(f'"{r.name}";q={r.limit};w={r.seconds}' for r in self.rates).encode()
-
 
 def _rates(where: str, value: object) -> tuple[Rate, ...]:
     if value == UNLIMITED:
@@ -272,8 +266,3 @@ def limits_to_data(table: object) -> dict[str, Any]:
             }
         out[tier.value] = data
     return out
-
-
-def ceil_seconds(microseconds: int) -> int:
-    """Whole seconds, rounded up, of a duration in microseconds (at least 0)."""
-    return max(0, math.ceil(microseconds / 1_000_000))

@@ -27,7 +27,6 @@ from .limiter import Limiter, QuotaUsage, plans_for
 
 __all__ = [
     "consume",
-    "current_limiter",
     "depends_quota",
     "depends_rate_limit",
     "quota",
@@ -49,11 +48,6 @@ reset_limiter: Callable[[Token[_Current]], None] = _current.reset
 #: (the ContextVar's own ``set``: no call of ours in between); undo with :func:`reset_limiter`
 #: and the token.
 set_limiter: Callable[[_Current], Token[_Current]] = _current.set
-
-
-def current_limiter() -> _Current:
-    """The current request's limiter and scope, if its middleware meters."""
-    return _current.get()
 
 
 def _limiter(given: Limiter | None, what: str) -> tuple[Limiter, Scope | None]:

@@ -71,11 +71,6 @@ class Plan(NamedTuple):
     policy: tuple[bytes, bytes]
     formats: tuple[bytes, ...]
 
-    @property
-    def policy_header(self) -> bytes:
-        """The ``RateLimit-Policy`` field value."""
-        return self.policy[1]
-
 
 def plans_for(bucket: str, rates_by_tier: Mapping[Tier, tuple[Rate, ...]]) -> dict[Tier, Plan]:
     """A :class:`Plan` per tier with rates, counting in ``bucket``; tiers without are left out."""
@@ -128,11 +123,11 @@ class Limiter:
         if not isinstance(policy, Policy):
             raise ConfigurationError("policy must be a Policy")
         if store is not None and not callable(getattr(store, "hit", None)):
-            raise ConfigurationError("limit_store must be a LimitStore (memory or Redis)")
+            raise ConfigurationError("the limit store must be a LimitStore (memory or Redis)")
         if failure not in _FAILURE:
-            raise ConfigurationError("limit_failure must be 'closed' or 'open'")
+            raise ConfigurationError("the limit failure mode must be 'closed' or 'open'")
         if key not in _KEYS:
-            raise ConfigurationError("limit_key must be 'user' or 'session'")
+            raise ConfigurationError("the limit key must be 'user' or 'session'")
         if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 1:
             raise ConfigurationError("retry_after must be a positive int (seconds)")
         self.policy = policy
