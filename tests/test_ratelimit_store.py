@@ -196,3 +196,71 @@ def test_bad_memory_store_options_raise_configuration_error(options: dict[str, A
     """Each option is checked at construction."""
     with pytest.raises(ConfigurationError):
         InMemoryLimitStore(**options)
+
+
+async def test_redis_reloads_its_script_after_a_script_flush(
+    redis_url: str, key_prefix: str, clock: Clock
+) -> None:
+    """EVALSHA meets NOSCRIPT (a restarted or flushed Redis): the script is loaded again and
+    the check answers, the count intact."""
+    import redis.asyncio as redis
+
+    from ctxvars_mw.ratelimit.redis_store import RedisLimitStore
+
+    store = RedisLimitStore(redis_url, prefix=key_prefix, clock=clock)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        rate = Rate(3, "hour")
+        assert await hits(store, rate, 2) == [True, True]
+        await admin.script_flush()
+        assert await hits(store, rate, 2) == [True, False]
+    finally:
+        await store.aclose()
+        keys = [key async for key in admin.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await admin.delete(*keys)
+        await admin.aclose()
+
+
+async def test_a_redis_that_never_answers_fails_within_the_timeout() -> None:
+    """A server that accepts connections and says nothing: each check gives up after
+    ``timeout`` seconds with ServiceUnavailableError, never hanging the request."""
+    from ctxvars_mw import ServiceUnavailableError
+    from ctxvars_mw.ratelimit.redis_store import RedisLimitStore
+
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisLimitStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+    try:
+        for _ in range(2):
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(ServiceUnavailableError):
+                await store.hit(["u:alice"], [Rate(1, "second")])
+            assert asyncio.get_running_loop().time() - started < 1.0
+    finally:
+        await store.aclose()
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"prefix": ""}, {"timeout": 0}, {"timeout": "1"}, {"clock": None}],
+)
+def test_bad_redis_store_options_raise_configuration_error(
+    options: dict[str, Any], redis_url: str
+) -> None:
+    """Prefix, timeout and clock are checked at construction; so is the URL or client."""
+    from ctxvars_mw.ratelimit.redis_store import RedisLimitStore
+
+    with pytest.raises(ConfigurationError):
+        RedisLimitStore(redis_url, **options)
+    with pytest.raises(ConfigurationError):
+        RedisLimitStore(6379)
