@@ -392,7 +392,8 @@ def with_incoming_baggage(
 
 
 class Responder:
-    """One request's ``send``: sets the id headers on the response (and the accepted bearer
+    """One request's ``send``: sets the id headers on the response (with a metered request's
+    RateLimit headers, which the middleware adds to ``id_headers``, and the accepted bearer
     subprotocol on a websocket), and answers the request with an error while it can."""
 
     __slots__ = ("_send", "id_headers", "id_names", "started", "subprotocol")

@@ -416,3 +416,21 @@ async def test_redis_down_fails_open_with_one_warning(
     assert messages[0].startswith("rate limit store unavailable (")
     assert "letting requests through unmetered" in messages[0]
     assert messages[1].startswith("rate limit store answers again; ")
+
+
+async def test_several_rates_are_listed_in_both_headers() -> None:
+    """2/second and 5/hour: both items in RateLimit-Policy and RateLimit; the refusal names
+    the per-second rate, which is the one used up."""
+    clock = Clock()
+    rates = {"free": {"rate": ["2/second", "5/hour"]}}
+    app = metered(policy=policy(rates), limit_store=InMemoryLimitStore(clock=clock))
+    free = bearer(FREE_USER, "free")
+    async with client(app) as c:
+        first = await c.get("/", headers=free)
+        await c.get("/", headers=free)
+        refused = await c.get("/", headers=free)
+    assert first.headers["ratelimit-policy"] == '"second";q=2;w=1,"hour";q=5;w=3600'
+    assert first.headers["ratelimit"] == '"second";r=1;t=1,"hour";r=4;t=720'
+    assert refused.status_code == 429
+    assert refused.headers["ratelimit"] == '"second";r=0;t=1,"hour";r=3;t=1440'
+    assert refused.headers["retry-after"] == "1"
