@@ -16,11 +16,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import driver, events_bench, instructions, memory, micro, report, wrk_bench
+from . import (
+    driver,
+    events_bench,
+    instructions,
+    memory,
+    micro,
+    ratelimit_bench,
+    report,
+    wrk_bench,
+)
 from .stats import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("asgi", "micro", "wrk", "memory", "events", "instructions")
+SECTIONS = ("asgi", "micro", "wrk", "memory", "events", "limits", "instructions")
 
 #: Parameters of each section: (quick, full).
 PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -35,6 +44,10 @@ PARAMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"messages": 300, "connections": 1_000},
         {"messages": 3_000, "connections": 10_000},
     ),
+    "limits": (
+        {"n": 2_000, "repeats": 3, "redis_checks": 500},
+        {"n": 20_000, "repeats": 7, "redis_checks": 5_000},
+    ),
     "instructions": (
         {"low": 100, "high": 300, "names": instructions.QUICK_VARIANTS},
         {"low": 500, "high": 2500},
@@ -46,17 +59,20 @@ RUNNERS: dict[str, Callable[..., dict[str, Any]]] = {
     "wrk": wrk_bench.run,
     "memory": memory.run,
     "events": events_bench.run,
+    "limits": ratelimit_bench.run,
     "instructions": instructions.run,
 }
 UNAVAILABLE: dict[str, Callable[[], str | None]] = {
     "wrk": wrk_bench.available,
     "events": events_bench.available,
+    "limits": ratelimit_bench.available,
     "instructions": instructions.available,
 }
 
 
 _SECTION_WRITERS = (
     ("events", events_bench),
+    ("limits", ratelimit_bench),
     ("instructions", instructions),
 )
 

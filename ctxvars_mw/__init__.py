@@ -30,6 +30,8 @@ from .errors import (
     MaxDepthExceededError,
     PermissionDeniedError,
     PermissionEscalationError,
+    QuotaExceededError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 from .executors import ContextThreadPoolExecutor
@@ -49,6 +51,11 @@ from .permissions import (
     requires_tier,
 )
 from .policy import Policy
+from .ratelimit.declarations import Quota, Rate
+from .ratelimit.guards import consume, quota, rate_limit
+from .ratelimit.limiter import Limiter
+from .ratelimit.redis_store import RedisLimitStore
+from .ratelimit.store import InMemoryLimitStore
 from .resources import attach_resource, managed_context, resource_scope
 from .tier import Tier
 
@@ -68,16 +75,23 @@ __all__ = [
     "HTTPError",
     "IdRules",
     "Identity",
+    "InMemoryLimitStore",
     "InMemorySessionStore",
     "InvalidContextError",
     "InvalidRequestError",
     "InvalidTokenError",
     "JWTAuthenticator",
+    "Limiter",
     "MaxDepthExceededError",
     "OAuth2IntrospectionAuthenticator",
     "PermissionDeniedError",
     "PermissionEscalationError",
     "Policy",
+    "Quota",
+    "QuotaExceededError",
+    "Rate",
+    "RateLimitedError",
+    "RedisLimitStore",
     "RedisSessionStore",
     "ServiceUnavailableError",
     "Session",
@@ -88,6 +102,7 @@ __all__ = [
     "authorize",
     "bind",
     "child_context",
+    "consume",
     "depends_authenticated",
     "depends_feature",
     "depends_permission",
@@ -96,6 +111,8 @@ __all__ = [
     "get_context",
     "get_context_or_none",
     "managed_context",
+    "quota",
+    "rate_limit",
     "requires_authenticated",
     "requires_feature",
     "requires_permission",

@@ -115,7 +115,11 @@ def curl_commands(base_url: str, users: dict[Tier, DemoUser]) -> str:
         "# 4. A child-context chain (agent -> tool -> worker thread), each step its own id:",
         f'curl -s -X POST {base_url}/agents/run -H "{auth}ENTERPRISE"',
         "",
-        f"# 5. The OpenAPI docs: {base_url}/docs  (Authorize with a token above)",
+        "# 5. Metering: the free tier has 3 agent runs a day; the 4th is a 429 with Retry-After:",
+        f'for n in 1 2 3 4; do curl -si -X POST {base_url}/agents/ask -H "{auth}FREE"'
+        " | head -1; done",
+        "",
+        f"# 6. The OpenAPI docs: {base_url}/docs  (Authorize with a token above)",
     ]
     return "\n".join(lines)
 
@@ -197,6 +201,7 @@ def tour(out: TextIO | None = None) -> None:
                 _authentication(client, secret, example),
                 _chain(client, users[Tier.ENTERPRISE]),
                 _events(client, users[Tier.BUSINESS], users[Tier.FREE]),
+                _metering(client, users[Tier.FREE], users[Tier.BUSINESS]),
             ]
     finally:
         logger.removeHandler(collect)
@@ -207,7 +212,7 @@ def tour(out: TextIO | None = None) -> None:
     for title, body in sections:
         print(f"\n== {title}\n{body}", file=out)
     audited = sum(1 for record in collect.records if record.name == "ctxvars_mw.audit")
-    print(f"\n{audited} denials audited on the ctxvars_mw.audit logger (ids only).", file=out)
+    print(f"\n{audited} refusals audited on the ctxvars_mw.audit logger (ids only).", file=out)
 
 
 def _gates(client: Any, users: dict[Tier, DemoUser]) -> tuple[str, str]:
@@ -297,3 +302,20 @@ def _events(client: Any, first: DemoUser, second: DemoUser) -> tuple[str, str]:
         " and received none of its events"
     )
     return "4. Websocket events: each user's run reaches that user's socket only", body
+
+
+def _metering(client: Any, free: DemoUser, business: DemoUser) -> tuple[str, str]:
+    rows = []
+    for user in (free, business):
+        for call in range(1, 5):
+            response = client.post("/agents/ask", headers=user.headers)
+            body = response.json()
+            left = body.get("agent_runs_left", body.get("error"))
+            retry = response.headers.get("retry-after", "-")
+            rows.append([user.tier.value, call, response.status_code, left, retry])
+    body = table(["caller", "call", "status", "agent_runs left", "Retry-After (s)"], rows)
+    body += (
+        f"\nevery answer also carries RateLimit-Policy and RateLimit headers, e.g. "
+        f"{response.headers['ratelimit-policy']} / {response.headers['ratelimit']}"
+    )
+    return "5. Metering: POST /agents/ask spends one of the tier's daily agent runs", body

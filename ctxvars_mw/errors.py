@@ -15,6 +15,8 @@
         ├── PermissionDeniedError            403     authenticated, but not allowed
         │   └── PermissionEscalationError    403     a child asked for more than its parent holds
         ├── InvalidRequestError              400     credentials sent more than one way
+        ├── RateLimitedError                 429     the caller's request rate is used up
+        │   └── QuotaExceededError           429     a quota is used up for its period
         └── ServiceUnavailableError          503     a backing store (e.g. Redis) is unreachable
 
 Every :class:`HTTPError` carries ``status_code``, an OAuth ``error`` code (RFC 6750) and a
@@ -24,7 +26,7 @@ Every :class:`HTTPError` carries ``status_code``, an OAuth ``error`` code (RFC 6
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "AuthenticationError",
@@ -40,6 +42,8 @@ __all__ = [
     "MaxDepthExceededError",
     "PermissionDeniedError",
     "PermissionEscalationError",
+    "QuotaExceededError",
+    "RateLimitedError",
     "ServiceUnavailableError",
 ]
 
@@ -124,6 +128,34 @@ class InvalidRequestError(HTTPError):
     status_code = 400
     error = "invalid_request"
     default_description = "The request is malformed."
+
+
+class RateLimitedError(HTTPError):
+    """The caller's tier allows no more requests for now (HTTP 429): ``retry_after`` seconds
+    until one would pass, and ``headers``, the IETF ``RateLimit-Policy`` and ``RateLimit``
+    fields the answer carries."""
+
+    status_code = 429
+    error = "rate_limited"
+    default_description = "Too many requests; retry later."
+
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        retry_after: int = 1,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        self.retry_after = retry_after
+        self.headers: tuple[tuple[bytes, bytes], ...] = tuple(headers)
+        super().__init__(description)
+
+
+class QuotaExceededError(RateLimitedError):
+    """A quota of the caller's tier is used up until its period ends (HTTP 429)."""
+
+    error = "quota_exceeded"
+    default_description = "The quota is used up for this period."
 
 
 class ServiceUnavailableError(HTTPError):

@@ -8,7 +8,9 @@ A request goes through five steps, each owned by one module:
    The request's client, user agent, method and path are read for the context
    (:class:`ctxvars_mw.request_metadata.MetadataReader`).
 2. **Admission** — who the caller is and whether they may enter
-   (:class:`ctxvars_mw.auth.admission.Admission`); a refusal is answered here, before the app.
+   (:class:`ctxvars_mw.auth.admission.Admission`), then, when the policy declares limits,
+   whether their tier's request rate allows this request
+   (:class:`ctxvars_mw.ratelimit.limiter.Limiter`); a refusal is answered here, before the app.
 3. **Enter** — the request's context, derived from the caller's
    (:func:`ctxvars_mw.context.request_context`), is made current with its cleanup list
    (:func:`ctxvars_mw.resources.open_scope`).
@@ -20,7 +22,7 @@ A request goes through five steps, each owned by one module:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +37,16 @@ from .errors import (
     HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
+    RateLimitedError,
+    ServiceUnavailableError,
 )
 from .frozen import freeze_mapping
 from .ids import accept_header_id, check_id_header_names, generate_id, get_id_rules
 from .policy import Policy
 from .proxies import TrustedProxies
+from .ratelimit.guards import reset_limiter, set_limiter
+from .ratelimit.limiter import Limiter
+from .ratelimit.store import LimitStore
 from .request_metadata import (
     NO_METADATA,
     REQUEST_METADATA_FIELDS,
@@ -56,6 +63,8 @@ __all__ = ["ContextMiddleware", "Responder", "Settings", "read_headers"]
 logger = logging.getLogger("ctxvars_mw")
 _JSON_500 = b'{"error":"server_error","error_description":"Internal server error."}'
 _SESSION_FAILURE = ("closed", "open")
+#: What the app may raise before its response starts and have answered as JSON.
+_ANSWERED = (AuthenticationError, PermissionDeniedError, RateLimitedError, ServiceUnavailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +177,16 @@ class ContextMiddleware:
     proxies whose ``forwarded_header`` names the client, ``"*"`` for every peer; none by
     default: forwarded headers are ignored) and ``forwarded_header`` (``"X-Forwarded-For"``
     or ``"Forwarded"``: the one header those proxies write; see :mod:`ctxvars_mw.proxies`).
+
+    Metering, when the policy declares ``tier_limits`` (or ``route_limits`` are given): every
+    request is counted against its caller's tier's rates after admission, before the app; a
+    refusal is a 429 with ``Retry-After``, and every answer carries the RateLimit headers
+    (see :mod:`ctxvars_mw.ratelimit`). ``limit_store`` keeps the counts (default in memory;
+    a :class:`~ctxvars_mw.RedisLimitStore` for many processes), ``limit_failure``
+    (``"closed"``: 503 with ``Retry-After: retry_after`` while the store is unreachable;
+    ``"open"``: let requests through unmetered), ``limit_key`` (``"user"`` or
+    ``"session"``: who a caller's count belongs to) and ``route_limits`` (path → tier →
+    rates, replacing the tier's rates on those paths).
     """
 
     def __init__(
@@ -193,6 +212,10 @@ class ContextMiddleware:
         request_metadata: Iterable[str] = REQUEST_METADATA_FIELDS,
         trusted_proxies: Iterable[str] = (),
         forwarded_header: str = "X-Forwarded-For",
+        limit_store: LimitStore | None = None,
+        limit_failure: str = "closed",
+        limit_key: str = "user",
+        route_limits: Mapping[str, Mapping[Any, Any]] | None = None,
     ) -> None:
         if not callable(app):
             raise ConfigurationError("app must be an ASGI application")
@@ -220,6 +243,9 @@ class ContextMiddleware:
             session_failure=_check_session_failure(session_failure),
             retry_after=_check_retry_after(retry_after),
             query_param=_check_query_param(websocket_token_query_param),
+        )
+        self.limiter = _limiter(
+            self.admission.policy, limit_store, limit_failure, retry_after, limit_key, route_limits
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -249,6 +275,14 @@ class ContextMiddleware:
         ctx = request_context(
             caller, request_id, correlation_id, trace_id, ws_id, outer, flags, metadata
         )
+        limiter = self.limiter
+        if limiter is not None and refusal is None and outer is None:
+            check = limiter.check_request(scope, ctx)
+            if check is not None:
+                try:
+                    responder.id_headers += await check
+                except HTTPError as exc:  # 429, or 503 from a store that is down (closed)
+                    refusal = exc
         if refusal is not None:
             await responder.refuse_at_door(scope, receive, refusal, ctx)
             scope["headers"] = incoming
@@ -257,11 +291,12 @@ class ContextMiddleware:
             ctx = with_incoming_baggage(ctx, headers)
         cleanups: list[Cleanup] = []
         token = open_frame(ctx, cleanups, headers)
+        metering = None if limiter is None else set_limiter((limiter, scope))
         try:
             await self.app(
                 scope, receive, responder.send_http if kind == "http" else responder.send_websocket
             )
-        except (AuthenticationError, PermissionDeniedError) as exc:
+        except _ANSWERED as exc:
             if responder.started:
                 raise
             await responder.refuse(scope, receive, exc)
@@ -272,6 +307,8 @@ class ContextMiddleware:
             raise
         finally:
             scope["headers"] = incoming  # the scope leaves as it came
+            if metering is not None:
+                reset_limiter(metering)
             try:
                 if cleanups:
                     await run_cleanups(cleanups)
@@ -405,7 +442,8 @@ def with_incoming_baggage(
 
 
 class Responder:
-    """One request's ``send``: sets the id headers on the response (and the accepted bearer
+    """One request's ``send``: sets the id headers on the response (with a metered request's
+    RateLimit headers, which the middleware adds to ``id_headers``, and the accepted bearer
     subprotocol on a websocket), and answers the request with an error while it can."""
 
     __slots__ = ("_send", "id_headers", "id_names", "started", "subprotocol")
@@ -561,6 +599,32 @@ def _check_retry_after(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigurationError("retry_after must be a positive int (seconds)")
     return value
+
+
+def _limiter(
+    policy: Policy,
+    store: LimitStore | None,
+    failure: str,
+    retry_after: int,
+    key: str,
+    route_limits: Mapping[str, Mapping[Any, Any]] | None,
+) -> Limiter | None:
+    """The middleware's limiter: None (no work per request) unless the policy declares
+    limits or ``route_limits`` are given."""
+    if not policy.has_limits and route_limits is None:
+        if store is not None:
+            raise ConfigurationError(
+                "limit_store needs a policy with tier_limits (or route_limits)"
+            )
+        return None
+    return Limiter(
+        policy,
+        store=store,
+        failure=failure,
+        retry_after=retry_after,
+        key=key,
+        route_limits=route_limits,
+    )
 
 
 def _check_query_param(value: object) -> str | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ._memo import remember
 from .errors import ConfigurationError
+from .ratelimit.declarations import TierLimits, compile_tier_limits, limits_to_data
 from .tier import Tier
 
 __all__ = ["Policy", "check_name", "check_permission"]
@@ -44,6 +45,7 @@ _DEFAULT_TIER_FEATURES: dict[str, tuple[str, ...]] = {
     "internal": ("impersonation", "admin_console"),
 }
 _RESOLVE_CACHE_MAX = 1024
+_NO_LIMITS = TierLimits()
 
 
 def check_name(where: str, value: object) -> str:
@@ -83,13 +85,14 @@ def _names(where: str, value: object, check: Callable[[str, object], str]) -> fr
 
 
 class Policy:
-    """Roles → permissions (with inheritance) and tiers → features (cumulative up the tiers).
+    """Roles → permissions (with inheritance), tiers → features (cumulative up the tiers) and,
+    optionally, tiers → limits (request rates and quotas, see :mod:`ctxvars_mw.ratelimit`).
 
     Deny by default: a role the policy does not know grants nothing. Everything is checked
     and flattened at construction; :meth:`resolve` is a cached lookup.
     """
 
-    __slots__ = ("_cache", "_raw", "_role_permissions", "_tier_features")
+    __slots__ = ("_cache", "_limits", "_limits_data", "_raw", "_role_permissions", "_tier_features")
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class Policy:
         tier_features: Mapping[Tier | str, Iterable[str]],
         role_permissions: Mapping[str, Iterable[str]],
         role_inherits: Mapping[str, Iterable[str]] | None = None,
+        tier_limits: Mapping[Tier | str, Any] | None = None,
     ) -> None:
         if not isinstance(tier_features, Mapping) or not isinstance(role_permissions, Mapping):
             raise ConfigurationError("tier_features and role_permissions must be mappings")
@@ -116,6 +120,8 @@ class Policy:
             "role_permissions": {r: sorted(p) for r, p in own_perms.items()},
             "role_inherits": {r: sorted(p) for r, p in parents.items()},
         }
+        self._limits = None if tier_limits is None else compile_tier_limits(tier_limits)
+        self._limits_data = None if tier_limits is None else limits_to_data(tier_limits)
 
     @classmethod
     def default(cls) -> Policy:
@@ -127,18 +133,24 @@ class Policy:
         """Build a policy from plain data (as loaded from JSON or TOML)."""
         if not isinstance(data, Mapping):
             raise ConfigurationError("Policy.from_mapping() takes a mapping")
-        unknown = set(data) - {"tier_features", "role_permissions", "role_inherits"}
+        unknown = set(data) - {"tier_features", "role_permissions", "role_inherits", "tier_limits"}
         if unknown:
             raise ConfigurationError(f"unknown policy key(s): {', '.join(sorted(unknown))}")
         return cls(
             tier_features=data.get("tier_features", {}),
             role_permissions=data.get("role_permissions", {}),
             role_inherits=data.get("role_inherits", {}),
+            tier_limits=data.get("tier_limits"),
         )
 
     def to_mapping(self) -> dict[str, Any]:
         """The policy as plain data, accepted back by :meth:`from_mapping`."""
-        return {k: {name: list(items) for name, items in v.items()} for k, v in self._raw.items()}
+        data: dict[str, Any] = {
+            k: {name: list(items) for name, items in v.items()} for k, v in self._raw.items()
+        }
+        if self._limits_data is not None:
+            data["tier_limits"] = limits_to_data(self._limits_data)  # a fresh copy
+        return data
 
     @property
     def roles(self) -> frozenset[str]:
@@ -152,6 +164,17 @@ class Policy:
     def features_for_tier(self, tier: Tier | str) -> frozenset[str]:
         """The features ``tier`` unlocks, those of lower tiers included."""
         return self._tier_features[Tier.parse(tier)]
+
+    @property
+    def has_limits(self) -> bool:
+        """True when the policy declares ``tier_limits``."""
+        return self._limits is not None
+
+    def limits_for_tier(self, tier: Tier | str) -> TierLimits:
+        """The rates and quotas ``tier`` meets (none when the policy declares no limits)."""
+        if self._limits is None:
+            return _NO_LIMITS
+        return self._limits[Tier.parse(tier)]
 
     def resolve(
         self, roles: Iterable[str], tier: Tier | str

@@ -33,6 +33,7 @@ __all__ = [
     "all_of",
     "anonymous_error",
     "audit_denial",
+    "audit_record",
     "authenticated_requirement",
     "feature_requirement",
     "permission_requirement",
@@ -232,30 +233,12 @@ def audit_denial(
     any_: bool,
     held: list[str],
 ) -> None:
-    """Emit the one audit record of a denial: ids and names only, never a credential.
-
-    The record is built first and the denied context's ids are set on it afterwards, never
-    passed through ``extra=``: logging refuses an ``extra`` key the record already has, and
-    :func:`ctxvars_mw.logging.install_record_factory` puts exactly those names on every record.
-    """
+    """Emit the one audit record of a denial: ids and names only, never a credential."""
     level = logging.INFO if status == 401 else logging.WARNING
-    if not audit_logger.isEnabledFor(level):
-        return
-    ids = _audit_ids(ctx)
-    fn, lno, func, _ = audit_logger.findCaller(stacklevel=2)
-    record = audit_logger.makeRecord(
-        audit_logger.name,
+    audit_record(
+        ctx,
         level,
-        fn,
-        lno,
-        "authorization denied (%s): %s for user %s; required %s",
-        (status, kind, ids["user_id"], list(required)),
-        None,
-        func,
-    )
-    fields = record.__dict__
-    fields.update(ids)
-    fields.update(
+        "authorization denied (%(status)s): %(check)s for user %(user_id)s; required %(required)s",
         audit_event="authorization_denied",
         check=kind,
         match="any" if any_ else "all",
@@ -263,6 +246,37 @@ def audit_denial(
         required=list(required),
         held=held,
     )
+
+
+def audit_record(
+    ctx: UserExecutionContext | None,
+    level: int,
+    message: str,
+    **fields: Any,
+) -> None:
+    """Emit one record on the audit logger: the context's ids and ``fields`` as attributes,
+    and ``message`` formatted with them (``%(user_id)s``, ``%(status)s``, ...).
+
+    The record is built first and the context's ids are set on it afterwards, never
+    passed through ``extra=``: logging refuses an ``extra`` key the record already has, and
+    :func:`ctxvars_mw.logging.install_record_factory` puts exactly those names on every record.
+    """
+    if not audit_logger.isEnabledFor(level):
+        return
+    ids = _audit_ids(ctx)
+    fn, lno, func, _ = audit_logger.findCaller(stacklevel=3)
+    record = audit_logger.makeRecord(
+        audit_logger.name,
+        level,
+        fn,
+        lno,
+        message,
+        ({**ids, **fields},),
+        None,
+        func,
+    )
+    record.__dict__.update(ids)
+    record.__dict__.update(fields)
     audit_logger.handle(record)
 
 

@@ -11,6 +11,7 @@ from .errors import (
     AuthenticationRequiredError,
     HTTPError,
     PermissionDeniedError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 from .types import Scope, Send
@@ -29,14 +30,16 @@ def error_body(exc: HTTPError) -> dict[str, Any]:
 
 
 def error_headers(exc: HTTPError, *, bearer: bool) -> list[tuple[bytes, bytes]]:
-    """``WWW-Authenticate`` / ``Retry-After`` headers for ``exc`` (``bearer``: the request
-    carried a bearer token)."""
+    """``WWW-Authenticate`` / ``Retry-After`` (and ``RateLimit``) headers for ``exc``
+    (``bearer``: the request carried a bearer token)."""
     if isinstance(exc, AuthenticationRequiredError):
         return [(b"www-authenticate", b"Bearer")]
     if isinstance(exc, AuthenticationError):
         return [(b"www-authenticate", f'Bearer error="{exc.error}"'.encode("ascii"))]
     if isinstance(exc, PermissionDeniedError) and bearer:
         return [(b"www-authenticate", b'Bearer error="insufficient_scope"')]
+    if isinstance(exc, RateLimitedError):
+        return [(b"retry-after", str(exc.retry_after).encode("ascii")), *exc.headers]
     if isinstance(exc, ServiceUnavailableError):
         return [(b"retry-after", str(exc.retry_after).encode("ascii"))]
     return []

@@ -10,7 +10,9 @@ What it shows:
 - endpoints gated by tier, role, feature and permission (200 / 403; 401 without a token);
 - resource ownership with ``authorize()``;
 - a child-context chain (agent → tool → worker thread), every step with its own request id;
-- a websocket endpoint delivering each user's events to that user only (``EventBus``).
+- a websocket endpoint delivering each user's events to that user only (``EventBus``);
+- metering by tier: a request rate on every endpoint (429 past it, ``RateLimit`` headers on
+  every answer) and a daily ``agent_runs`` quota spent by ``POST /agents/ask``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from starlette.requests import HTTPConnection
 
 from ctxvars_mw import (
     JWTAuthenticator,
+    Policy,
     UserExecutionContext,
     authorize,
     child_context,
+    consume,
     get_context,
     run_in_thread,
 )
@@ -45,6 +49,15 @@ from ctxvars_mw.integrations.fastapi import (
 
 ISSUER = "https://auth.ctxvars-demo.invalid/"
 AUDIENCE = "ctxvars-demo-api"
+
+#: What each tier may use: requests per minute on every endpoint, agent runs per UTC day.
+TIER_LIMITS = {
+    "free": {"rate": "60/minute", "quotas": {"agent_runs": "3/day"}},
+    "business": {"rate": "600/minute", "quotas": {"agent_runs": "1000/day"}},
+    "enterprise": {"rate": "6000/minute", "quotas": {"agent_runs": "unlimited"}},
+    "internal": "unlimited",
+}
+POLICY = Policy.from_mapping({**Policy.default().to_mapping(), "tier_limits": TIER_LIMITS})
 
 router = APIRouter()
 
@@ -160,6 +173,13 @@ async def run_agent(bus: Bus) -> dict[str, Any]:
     return {"user_id": root.user_id, "correlation_id": root.correlation_id, "steps": steps}
 
 
+@router.post("/agents/ask", dependencies=[require_permission("agents:execute")])
+async def ask_agent() -> dict[str, Any]:
+    """Metered: each call spends one of the tier's daily ``agent_runs`` (429 when used up)."""
+    usage = await consume("agent_runs")
+    return {"answer": "42", "agent_runs_left": usage.remaining}
+
+
 @router.websocket("/ws/events")
 async def events(websocket: WebSocket, ctx: AuthenticatedContext, bus: Bus) -> None:
     """Authenticated websocket: the caller's events, and nobody else's."""
@@ -188,7 +208,9 @@ def create_app(secret: str) -> FastAPI:
     authenticator = JWTAuthenticator(
         key=secret, algorithms=["HS256"], issuer=ISSUER, audience=AUDIENCE
     )
-    setup(app, authenticator=authenticator)  # exception handlers + ContextMiddleware
+    # Exception handlers, OpenAPI error responses and ContextMiddleware, metering in memory
+    # (one process; pass limit_store=RedisLimitStore(url) to share the counts).
+    setup(app, authenticator=authenticator, policy=POLICY)
     return app
 
 

@@ -16,6 +16,7 @@ from bench import (
     instructions,
     memory,
     micro,
+    ratelimit_bench,
     report,
     run,
 )
@@ -75,6 +76,20 @@ def test_memory_pass_leaves_no_live_context() -> None:
         assert app["live_contexts_after"] == 0
         assert app["rss_before_mib"] > 0
         assert app["requests"] == 300
+
+
+def test_ratelimit_benchmark_times_both_libraries_and_counts_round_trips() -> None:
+    """Every memory case and both request variants are timed; one Redis round trip a check."""
+    result = ratelimit_bench.run(n=50, repeats=2, redis_checks=20)
+    assert len(result["memory_us"]) == 6
+    assert all(_positive(values) for values in result["memory_us"].values())
+    assert all(_positive(values) for values in result["request_us"].values())
+    if "redis_us" in result:
+        trips = result["redis_us"]["round_trips_per_check"]["ctxvars_mw: RedisLimitStore.hit"]
+        assert set(trips) == {1.0}
+    text = "\n".join(ratelimit_bench.section(result))
+    assert "limits: MovingWindowRateLimiter.hit" in text
+    assert "paired Δ" in text
 
 
 def test_events_benchmark_measures_latency_and_connections() -> None:

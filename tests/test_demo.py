@@ -82,7 +82,31 @@ def test_tour_delivers_each_event_only_to_its_own_user(tour_output: str) -> None
     assert [row[0] for row in rows] == ["business's socket", "free's socket"]
     assert all(row[-1] == "yes" for row in rows)
     assert rows[0][2] != rows[1][2]
-    assert "13 denials audited" in tour_output
+    assert "14 refusals audited" in tour_output  # 13 denials and one 429
+
+
+def test_tour_shows_a_free_caller_reaching_its_quota_while_business_passes(
+    tour_output: str,
+) -> None:
+    """Section 5: free's fourth agent run is a 429 with a Retry-After; business's all pass."""
+    rows = section(tour_output, 5)[:8]
+    free = [row for row in rows if row[0] == "free"]
+    business = [row for row in rows if row[0] == "business"]
+    assert [row[2:4] for row in free] == [
+        ["200", "2"],
+        ["200", "1"],
+        ["200", "0"],
+        ["429", "quota_exceeded"],
+    ]
+    assert [row[4] for row in free[:3]] == ["-"] * 3
+    assert 1 <= int(free[3][4]) <= 86400  # seconds until the next UTC day
+    assert [row[2:4] for row in business] == [
+        ["200", "999"],
+        ["200", "998"],
+        ["200", "997"],
+        ["200", "996"],
+    ]
+    assert '"minute";q=600;w=60' in tour_output
 
 
 def test_tour_runs_with_the_network_switched_off() -> None:

@@ -234,6 +234,7 @@ def test_every_page_is_found_and_has_blocks() -> None:
                 "context",
                 "events",
                 "integrations",
+                "limits",
                 "logging",
                 "middleware",
                 "performance",

@@ -26,6 +26,7 @@ from ..errors import (
     HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 from ..responses import error_body, error_headers, has_bearer_token
@@ -36,6 +37,7 @@ _HANDLED = (
     AuthenticationError,
     PermissionDeniedError,
     InvalidRequestError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 
@@ -62,8 +64,9 @@ class ErrorMiddleware:
     """Django middleware: our HTTP-facing errors raised by views become JSON responses.
 
     ``AuthenticationError`` → 401, ``PermissionDeniedError`` → 403, ``InvalidRequestError`` →
-    400, ``ServiceUnavailableError`` → 503 — the same bodies and headers as the ASGI
-    middleware. Other exceptions are left to Django. Works in sync and async stacks.
+    400, ``RateLimitedError`` → 429, ``ServiceUnavailableError`` → 503 — the same bodies and
+    headers as the ASGI middleware. Other exceptions are left to Django. Works in sync and
+    async stacks.
     """
 
     sync_capable = True

@@ -22,7 +22,7 @@ read the context it made current. The middleware may be added with ``app.add_mid
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Security
@@ -42,6 +42,7 @@ from ..permissions import (
     depends_role,
     depends_tier,
 )
+from ..ratelimit.guards import depends_quota, depends_rate_limit
 from ..tier import Tier
 from .starlette import install_exception_handlers
 
@@ -61,6 +62,8 @@ __all__ = [
     "require_authenticated",
     "require_feature",
     "require_permission",
+    "require_quota",
+    "require_rate_limit",
     "require_role",
     "require_tier",
     "setup",
@@ -101,6 +104,8 @@ _DESCRIPTIONS = {
     401: "No valid credentials (`authentication_required` or `invalid_token`).",
     403: "Authenticated, but without what the endpoint requires (`insufficient_scope`, "
     "with `required`).",
+    429: "The caller's tier allows no more for now (`rate_limited` or `quota_exceeded`); "
+    "`Retry-After` says when to try again, `RateLimit-Policy` and `RateLimit` what is left.",
 }
 
 
@@ -140,18 +145,32 @@ def require_feature(*features: str, any_: bool = False) -> Any:
     return _secured(depends_feature(*features, any_=any_), 401, 403)
 
 
+def require_quota(name: str, amount: int = 1) -> Any:
+    """A dependency: spend ``amount`` of the caller's quota ``name``, then the context; 429
+    when the quota is used up (see :func:`ctxvars_mw.consume`)."""
+    return _secured(depends_quota(name, amount), 429)
+
+
+def require_rate_limit(table: Mapping[Any, Any], *, name: str) -> Any:
+    """A dependency: count the call against a rate limit of its own (tier → rates, counted
+    per caller under ``name``, see :func:`ctxvars_mw.rate_limit`), then the context; 429
+    past it."""
+    return _secured(depends_rate_limit(table, name=name), 429)
+
+
 #: ``ctx: AuthenticatedContext`` — the request's context; 401 for anonymous callers.
 AuthenticatedContext = Annotated[UserExecutionContext, require_authenticated()]
 
 
-def document_error_responses(app: FastAPI) -> None:
-    """Make ``app``'s OpenAPI schema show the 401/403 answers of our dependencies.
+def document_error_responses(app: FastAPI, *, metered: bool = False) -> None:
+    """Make ``app``'s OpenAPI schema show the 401/403/429 answers of our dependencies.
 
     Every operation that depends (directly, or through another dependency) on one of the
     ``require_*`` dependencies or :data:`AuthenticatedContext` gets its 401 (and, for the
     checks that can refuse an authenticated caller, 403) response with the
     :class:`ErrorBody` model, so ``/docs`` shows what each endpoint can answer. Responses an
-    operation declares itself are kept. :func:`setup` calls this.
+    operation declares itself are kept. With ``metered`` (the middleware meters every
+    request), every operation gets the 429 too. :func:`setup` calls this.
     """
     generate = app.openapi
 
@@ -159,20 +178,20 @@ def document_error_responses(app: FastAPI) -> None:
         fresh = app.openapi_schema is None  # FastAPI builds the schema once, then caches it
         schema = generate()
         if fresh:
-            _add_error_responses(app, schema)
+            _add_error_responses(app, schema, {429} if metered else set())
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _add_error_responses(app: FastAPI, schema: dict[str, Any]) -> None:
-    """Add the 401/403 responses (and the ErrorBody schema) to ``schema``, in place."""
+def _add_error_responses(app: FastAPI, schema: dict[str, Any], everywhere: set[int]) -> None:
+    """Add the error responses (and the ErrorBody schema) to ``schema``, in place."""
     reference = {"$ref": "#/components/schemas/ErrorBody"}
     used = False
     for route in app.routes:
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
-        statuses = _statuses(route.dependant)
+        statuses = _statuses(route.dependant) | everywhere
         for method in route.methods or ():
             operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
             if operation is None:
@@ -201,8 +220,8 @@ def _statuses(dependant: Dependant) -> set[int]:
 
 
 def setup(app: FastAPI, *, add_middleware: bool = True, **middleware_options: Any) -> None:
-    """Install our exception handlers on ``app``, document our 401/403 answers in its OpenAPI
-    schema (:func:`document_error_responses`) and (by default) add ContextMiddleware.
+    """Install our exception handlers on ``app``, document our 401/403/429 answers in its
+    OpenAPI schema (:func:`document_error_responses`) and (by default) add ContextMiddleware.
 
     ``middleware_options`` are :class:`~ctxvars_mw.ContextMiddleware`'s keyword options;
     they are checked now (bad option → :class:`~ctxvars_mw.ConfigurationError`), not at the
@@ -210,9 +229,11 @@ def setup(app: FastAPI, *, add_middleware: bool = True, **middleware_options: An
     that are wrapped instead: ``app = ContextMiddleware(fastapi_app, ...)``.
     """
     install_exception_handlers(app)
-    document_error_responses(app)
     if add_middleware:
-        ContextMiddleware(app, **middleware_options)  # validates the options eagerly
+        checked = ContextMiddleware(app, **middleware_options)  # validates the options eagerly
+        document_error_responses(app, metered=checked.limiter is not None)
         app.add_middleware(ContextMiddleware, **middleware_options)
-    elif middleware_options:
+        return
+    if middleware_options:
         raise ConfigurationError("middleware options need add_middleware=True")
+    document_error_responses(app)

@@ -3,7 +3,7 @@
 When :class:`~ctxvars_mw.ContextMiddleware` wraps the whole app (outermost), an error raised
 in an endpoint meets Starlette's own middleware first: without a handler, Starlette's
 ``ServerErrorMiddleware`` answers 500 before ours sees the error. :func:`install_exception_handlers`
-registers handlers that produce the same 401/403/400/503 JSON responses (same body, same
+registers handlers that produce the same 401/403/400/429/503 JSON responses (same body, same
 ``WWW-Authenticate``/``Retry-After`` headers) wherever the middleware sits. FastAPI apps are
 Starlette apps, so this works for them too.
 """
@@ -22,6 +22,7 @@ from ..errors import (
     HTTPError,
     InvalidRequestError,
     PermissionDeniedError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 from ..responses import error_body, error_headers, has_bearer_token
@@ -33,6 +34,7 @@ HANDLED_ERRORS: tuple[type[HTTPError], ...] = (
     AuthenticationError,
     PermissionDeniedError,
     InvalidRequestError,
+    RateLimitedError,
     ServiceUnavailableError,
 )
 
@@ -70,9 +72,10 @@ def install_exception_handlers(app: Starlette) -> None:
     """Register handlers on ``app`` (Starlette or FastAPI) for our HTTP-facing errors.
 
     ``AuthenticationError`` → 401, ``PermissionDeniedError`` → 403, ``InvalidRequestError``
-    → 400, ``ServiceUnavailableError`` → 503, each exactly as :class:`ContextMiddleware`
-    answers them. On a websocket, the handshake is refused with an HTTP denial response
-    where the server supports it, else the socket is closed with code 1008.
+    → 400, ``RateLimitedError`` → 429, ``ServiceUnavailableError`` → 503, each exactly as
+    :class:`ContextMiddleware` answers them. On a websocket, the handshake is refused with an
+    HTTP denial response where the server supports it, else the socket is closed with code
+    1008.
     """
     for exc_class in HANDLED_ERRORS:
         app.add_exception_handler(exc_class, _handle)  # type: ignore[arg-type]

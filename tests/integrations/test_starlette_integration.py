@@ -155,12 +155,12 @@ async def test_insufficient_scope_header_only_when_a_bearer_token_was_sent() -> 
     assert anonymous.json()["error"] == "authentication_required"
 
 
-def test_handlers_cover_the_four_http_facing_error_families() -> None:
-    """401, 403, 400 and 503 families are registered on the app."""
+def test_handlers_cover_the_five_http_facing_error_families() -> None:
+    """401, 403, 400, 429 and 503 families are registered on the app."""
     app = Starlette()
     install_exception_handlers(app)
     assert set(HANDLED_ERRORS) <= set(app.exception_handlers)
-    assert sorted(cls.status_code for cls in HANDLED_ERRORS) == [400, 401, 403, 503]
+    assert sorted(cls.status_code for cls in HANDLED_ERRORS) == [400, 401, 403, 429, 503]
 
 
 def test_websocket_denied_before_accept_gets_a_403_denial_response() -> None:
