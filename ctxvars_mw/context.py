@@ -15,7 +15,7 @@ Two ways in:
   that change.
 
 A frozen dataclass pays ``object.__setattr__`` for each field it sets; both ways fill
-``_Filler``, a mutable class with the same slots, with plain attribute stores, and then switch
+``_Filler``, a subclass that adds no slots and takes plain attribute stores, and then switch
 its class to the frozen one, at a fifth of the cost.
 """
 
@@ -97,15 +97,8 @@ def _bad(message: str) -> NoReturn:
     raise InvalidContextError(message)
 
 
-class _ContextBase:
-    """Holds the ``__weakref__`` slot, so that the field slots of the context and of its
-    mutable twin (``_Filler``) have the same layout and ``__class__`` can switch between them."""
-
-    __slots__ = ("__weakref__",)
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class UserExecutionContext(_ContextBase):
+@dataclass(frozen=True, slots=True, weakref_slot=True, init=False)
+class UserExecutionContext:
     """Who a request (or a sub-operation of one) runs for, immutable and validated.
 
     Build it with keyword arguments; derive sub-operations with :meth:`child` and copies with
@@ -445,11 +438,17 @@ _SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
 _SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
 
 
-class _Filler(_ContextBase):
-    """The mutable twin of UserExecutionContext: same slots, same layout (see the module
-    docstring). Only ever seen inside this module, between :func:`_copy` and :func:`_seal`."""
+class _Filler(UserExecutionContext):
+    """UserExecutionContext with plain attribute stores (see the module docstring).
 
-    __slots__ = _SLOTS
+    It adds no slots, so its instances have the context's layout and sealing one is a cheap
+    ``__class__`` switch. Made with ``object.__new__`` (the keyword constructor is not run);
+    only ever seen inside this module, between :func:`_copy` and :func:`_seal`.
+    """
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
 
 
 def _compile_copy() -> Callable[[UserExecutionContext], Any]:
