@@ -221,7 +221,7 @@ def use_id_rules(rules: IdRules) -> Iterator[IdRules]:
 
 
 # Ids are drawn from the OS's random source in batches: one ``os.urandom`` call for 128 ids,
-# cut apart in C (``hex()`` puts a space after every 12 bytes, ``split()`` cuts there), then
+# cut apart in C (``hex()`` puts a space after every 12 bytes, ``split(" ")`` cuts there), then
 # handed out by ``list.pop()``, which is atomic, so two threads never get the same id. Pairs
 # (a new request's thread and run id) come from a pool of their own: one pop for both. A
 # forked child empties the pools, or it would hand out the ids its parent will.
@@ -236,7 +236,7 @@ pop_id_pair = _pair_pool.pop
 
 
 def _draw(count: int) -> list[str]:
-    return os.urandom(12 * count).hex(" ", 12).split()
+    return os.urandom(12 * count).hex(" ", 12).split(" ")
 
 
 def _after_fork_in_child() -> None:
