@@ -38,9 +38,10 @@ from .ids import (
     IdRules,
     generate_id,
     generate_id_pair,  # noqa: F401 - used by the generated request_context
+    generate_ids,
     get_id_rules,
     is_valid_id,
-    pop_id_pair,  # noqa: F401 - used by the generated request_context
+    pop_id,  # noqa: F401 - used by the generated request_context
 )
 from .proxies import canonical_ip
 from .tier import Tier
@@ -189,11 +190,17 @@ class UserExecutionContext:
         if user_id != ANONYMOUS_USER_ID or is_authenticated:
             _check_id("user_id", user_id, rules)
         new.user_id = user_id
-        new.thread_id = generate_id() if thread_id is None else _id("thread_id", thread_id, rules)
-        new.run_id = generate_id() if run_id is None else _id("run_id", run_id, rules)
-        new.request_id = request_id = (
-            generate_id() if request_id is None else _id("request_id", request_id, rules)
-        )
+        if thread_id is None and run_id is None and request_id is None:  # all three drawn
+            new.thread_id, new.run_id, request_id = generate_ids()
+        else:
+            new.thread_id = (
+                generate_id() if thread_id is None else _id("thread_id", thread_id, rules)
+            )
+            new.run_id = generate_id() if run_id is None else _id("run_id", run_id, rules)
+            request_id = (
+                generate_id() if request_id is None else _id("request_id", request_id, rules)
+            )
+        new.request_id = request_id
         new.correlation_id = (
             request_id if correlation_id is None else _id("correlation_id", correlation_id, rules)
         )
@@ -521,8 +528,9 @@ def request_context(
 {copies}
     if outer is None:
         try:
-            new.thread_id, new.run_id = pop_id_pair()
-        except IndexError:  # the pool is empty: refill it
+            new.thread_id = pop_id()
+            new.run_id = pop_id()
+        except IndexError:  # the pool is empty: generate_id_pair refills it
             new.thread_id, new.run_id = generate_id_pair()
     else:
         new.thread_id = outer.thread_id
