@@ -15,8 +15,11 @@ Two ways in:
   that change.
 
 A frozen dataclass pays ``object.__setattr__`` for each field it sets; both ways fill
-``_Filler``, a subclass that adds no slots and takes plain attribute stores, and then switch
-its class to the frozen one, at a fifth of the cost.
+``_Filler``, a subclass that adds no slots and takes plain attribute stores, and then seal it:
+switch its class to the frozen one (at a fifth of the cost), and hand the new context to
+``_track`` while a testing registry is on. :func:`_seal` does that; the keyword constructor,
+:meth:`~UserExecutionContext.child` and :func:`request_context`, which every context comes
+from, write its three lines out to save the call.
 """
 
 from __future__ import annotations
@@ -238,7 +241,11 @@ class UserExecutionContext:
         new.trace_id = trace_id
         new.trace_flags = 0 if trace_flags == 0 else _check_trace_flags(trace_flags, trace_id)
         new.operation = None if operation is None else _check_optional_text("operation", operation)
-        new.operation_depth = _check_depth(operation_depth)
+        new.operation_depth = (
+            0
+            if operation_depth == 0 and type(operation_depth) is int
+            else _check_depth(operation_depth)
+        )
         new.parent_request_id = (
             None
             if parent_request_id is None
@@ -256,7 +263,10 @@ class UserExecutionContext:
         new.path = None if path is None else _check_request_text("path", path, MAX_PATH_LENGTH)
         new.created_at = _now(_UTC) if created_at is None else _check_created_at(created_at)
         new.db_session = db_session
-        return _seal(new)
+        new.__class__ = UserExecutionContext  # sealed as _seal does (see the module docstring)
+        if _track is not None:
+            _track(new)
+        return new  # type: ignore[no-any-return]
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -286,7 +296,7 @@ class UserExecutionContext:
         depth = self.operation_depth + 1
         if depth > MAX_OPERATION_DEPTH:
             raise MaxDepthExceededError(f"operation_depth may not exceed {MAX_OPERATION_DEPTH}")
-        new = _copy(self)
+        new = _child_copy(self)  # every field but those of _CHILD_FIELDS, set below
         if permissions is not None:
             narrowed = _check_names("permissions", permissions)
             extra = sorted(p for p in narrowed if not self.has_permission(p))
@@ -308,7 +318,10 @@ class UserExecutionContext:
         new.operation_depth = depth
         new.parent_request_id = self.request_id
         new.created_at = _now(_UTC)
-        return _seal(new)
+        new.__class__ = UserExecutionContext  # sealed as _seal does (see the module docstring)
+        if _track is not None:
+            _track(new)
+        return new  # type: ignore[no-any-return]
 
     def replace(self, **changes: Any) -> UserExecutionContext:
         """A validated copy with ``changes`` applied."""
@@ -450,7 +463,8 @@ class _Filler(UserExecutionContext):
 
     It adds no slots, so its instances have the context's layout and sealing one is a cheap
     ``__class__`` switch. Made with ``object.__new__`` (the keyword constructor is not run);
-    only ever seen inside this module, between :func:`_copy` and :func:`_seal`.
+    only ever seen inside this module, between its copy (or the keyword constructor's
+    checks) and its seal.
     """
 
     __slots__ = ()
@@ -458,22 +472,29 @@ class _Filler(UserExecutionContext):
     __delattr__ = object.__delattr__
 
 
-def _compile_copy() -> Callable[[UserExecutionContext], Any]:
-    """``_copy(ctx)``: a ``_Filler`` holding every field of ``ctx``.
+def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionContext], Any]:
+    """``name(ctx)``: a ``_Filler`` holding every field of ``ctx`` but those in ``skip``, which
+    its caller sets itself (a store into a slot already filled costs more than into an empty
+    one).
 
     Generated from the field declarations, as dataclasses generates ``__init__``: one plain
     attribute copy per field, with no loop and no ``getattr``/``setattr`` calls.
     """
-    lines = ["def _copy(src):", "    new = _new(_Filler)"]
-    lines += [f"    new.{name} = src.{name}" for name in _SLOTS]
+    lines = [f"def {name}(src):", "    new = _new(_Filler)"]
+    lines += [f"    new.{slot} = src.{slot}" for slot in _SLOTS if slot not in skip]
     lines.append("    return new")
     namespace: dict[str, Any] = {"_new": _new, "_Filler": _Filler}
     exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the field names
-    copy: Callable[[UserExecutionContext], Any] = namespace["_copy"]
+    copy: Callable[[UserExecutionContext], Any] = namespace[name]
     return copy
 
 
-_copy = _compile_copy()
+#: The fields :meth:`~UserExecutionContext.child` sets itself; it copies the others.
+_CHILD_FIELDS = frozenset(
+    ["request_id", "operation", "operation_depth", "parent_request_id", "created_at"]
+)
+_copy = _compile_copy("_copy", frozenset())
+_child_copy = _compile_copy("_child_copy", _CHILD_FIELDS)
 
 
 def _bare() -> UserExecutionContext:
@@ -502,7 +523,7 @@ def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
 
 
 #: The validated fields of a caller (see :func:`caller_template`): what :func:`request_context`
-#: copies. An unsealed ``_Filler``: not a context itself, so never counted as a live one.
+#: copies. An unsealed ``_Filler``: never handed out as a context, never counted as a live one.
 CallerTemplate = Any
 
 
@@ -512,7 +533,7 @@ def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
 
 
 # request_context: the fields it sets (the request's own) are those of _REQUEST_FIELDS; every
-# other one is copied from the caller. It ends as _seal does, written out to save the call.
+# other one is copied from the caller. It ends as _seal does (see the module docstring).
 _REQUEST_SOURCE = """
 def request_context(
     caller,
