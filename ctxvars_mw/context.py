@@ -209,14 +209,14 @@ class UserExecutionContext:
         )
         new.session_id = None if session_id is None else _id("session_id", session_id, rules)
         new.tier = tier if type(tier) is Tier else _check_tier(tier)
-        new.roles = roles = _EMPTY_SET if roles is _EMPTY_SET else _check_names("roles", roles)
-        new.permissions = permissions = (
+        new.roles = _EMPTY_SET if roles is _EMPTY_SET else _check_names("roles", roles)
+        new.permissions = (
             _EMPTY_SET if permissions is _EMPTY_SET else _check_names("permissions", permissions)
         )
         new.features = _EMPTY_SET if features is _EMPTY_SET else _check_names("features", features)
-        new.scopes = scopes = _EMPTY_SET if scopes is _EMPTY_SET else _check_names("scopes", scopes)
+        new.scopes = _EMPTY_SET if scopes is _EMPTY_SET else _check_names("scopes", scopes)
         if user_id == ANONYMOUS_USER_ID and (
-            new.tier is not Tier.FREE or roles or permissions or scopes
+            new.tier is not Tier.FREE or new.roles or new.permissions or new.scopes
         ):
             _bad("the anonymous context has tier FREE and no roles, permissions or scopes")
         new.claims = EMPTY if claims is EMPTY else _check_metadata("claims", claims, reserved=False)

@@ -191,13 +191,13 @@ _DEFAULT_RULES = IdRules(
     allowed=frozenset(_PREFIX_EXCEPTIONS),
 )
 _global_rules = _DEFAULT_RULES
-_rules_var: ContextVar[IdRules | None] = ContextVar("ctxvars_mw.id_rules", default=None)
+# Set only by use_id_rules; unset, the process-wide rules apply.
+_rules_var: ContextVar[IdRules] = ContextVar("ctxvars_mw.id_rules")
 
 
 def get_id_rules() -> IdRules:
     """The id rules in force here: the innermost ``use_id_rules``, else the process-wide ones."""
-    rules = _rules_var.get()
-    return _global_rules if rules is None else rules
+    return _rules_var.get(_global_rules)
 
 
 def set_id_rules(rules: IdRules) -> None:
