@@ -17,9 +17,9 @@ Two ways in:
 A frozen dataclass pays ``object.__setattr__`` for each field it sets; both ways fill
 ``_Filler``, a subclass that adds no slots and takes plain attribute stores, and then seal it:
 switch its class to the frozen one (at a fifth of the cost), and hand the new context to
-``_track`` while a testing registry is on. :func:`_seal` does that; the keyword constructor,
-:meth:`~UserExecutionContext.child` and :func:`request_context`, which every context comes
-from, write its three lines out to save the call.
+``_track`` while a testing registry is on. :func:`_seal` does that; the three hot paths (the
+keyword constructor, :meth:`~UserExecutionContext.child` and :func:`request_context`) write
+its three lines out to save the call.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class UserExecutionContext:
         if user_id != ANONYMOUS_USER_ID or is_authenticated:
             _check_id("user_id", user_id, rules)
         new.user_id = user_id
-        if thread_id is None and run_id is None and request_id is None:  # all three drawn
+        if thread_id is None and run_id is None and request_id is None:  # one draw for all
             new.thread_id, new.run_id, request_id = generate_ids()
         else:
             new.thread_id = (
