@@ -15,8 +15,11 @@ Two ways in:
   that change.
 
 A frozen dataclass pays ``object.__setattr__`` for each field it sets; both ways fill
-``_Filler``, a mutable class with the same slots, with plain attribute stores, and then switch
-its class to the frozen one, at a fifth of the cost.
+``_Filler``, a subclass that adds no slots and takes plain attribute stores, and then seal it:
+switch its class to the frozen one (at a fifth of the cost), and hand the new context to
+``_track`` while a testing registry is on. :func:`_seal` does that; the three hot paths (the
+keyword constructor, :meth:`~UserExecutionContext.child` and :func:`request_context`) write
+its three lines out to save the call.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ from .ids import (
     IdRules,
     generate_id,
     generate_id_pair,  # noqa: F401 - used by the generated request_context
+    generate_ids,
     get_id_rules,
     is_valid_id,
-    pop_id_pair,  # noqa: F401 - used by the generated request_context
+    pop_id,  # noqa: F401 - used by the generated request_context
 )
 from .proxies import canonical_ip
 from .tier import Tier
@@ -97,15 +101,8 @@ def _bad(message: str) -> NoReturn:
     raise InvalidContextError(message)
 
 
-class _ContextBase:
-    """Holds the ``__weakref__`` slot, so that the field slots of the context and of its
-    mutable twin (``_Filler``) have the same layout and ``__class__`` can switch between them."""
-
-    __slots__ = ("__weakref__",)
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class UserExecutionContext(_ContextBase):
+@dataclass(frozen=True, slots=True, weakref_slot=True, init=False)
+class UserExecutionContext:
     """Who a request (or a sub-operation of one) runs for, immutable and validated.
 
     Build it with keyword arguments; derive sub-operations with :meth:`child` and copies with
@@ -196,24 +193,30 @@ class UserExecutionContext(_ContextBase):
         if user_id != ANONYMOUS_USER_ID or is_authenticated:
             _check_id("user_id", user_id, rules)
         new.user_id = user_id
-        new.thread_id = generate_id() if thread_id is None else _id("thread_id", thread_id, rules)
-        new.run_id = generate_id() if run_id is None else _id("run_id", run_id, rules)
-        new.request_id = request_id = (
-            generate_id() if request_id is None else _id("request_id", request_id, rules)
-        )
+        if thread_id is None and run_id is None and request_id is None:  # one draw for all
+            new.thread_id, new.run_id, request_id = generate_ids()
+        else:
+            new.thread_id = (
+                generate_id() if thread_id is None else _id("thread_id", thread_id, rules)
+            )
+            new.run_id = generate_id() if run_id is None else _id("run_id", run_id, rules)
+            request_id = (
+                generate_id() if request_id is None else _id("request_id", request_id, rules)
+            )
+        new.request_id = request_id
         new.correlation_id = (
             request_id if correlation_id is None else _id("correlation_id", correlation_id, rules)
         )
         new.session_id = None if session_id is None else _id("session_id", session_id, rules)
         new.tier = tier if type(tier) is Tier else _check_tier(tier)
-        new.roles = roles = _EMPTY_SET if roles is _EMPTY_SET else _check_names("roles", roles)
-        new.permissions = permissions = (
+        new.roles = _EMPTY_SET if roles is _EMPTY_SET else _check_names("roles", roles)
+        new.permissions = (
             _EMPTY_SET if permissions is _EMPTY_SET else _check_names("permissions", permissions)
         )
         new.features = _EMPTY_SET if features is _EMPTY_SET else _check_names("features", features)
-        new.scopes = scopes = _EMPTY_SET if scopes is _EMPTY_SET else _check_names("scopes", scopes)
+        new.scopes = _EMPTY_SET if scopes is _EMPTY_SET else _check_names("scopes", scopes)
         if user_id == ANONYMOUS_USER_ID and (
-            new.tier is not Tier.FREE or roles or permissions or scopes
+            new.tier is not Tier.FREE or new.roles or new.permissions or new.scopes
         ):
             _bad("the anonymous context has tier FREE and no roles, permissions or scopes")
         new.claims = EMPTY if claims is EMPTY else _check_metadata("claims", claims, reserved=False)
@@ -238,7 +241,11 @@ class UserExecutionContext(_ContextBase):
         new.trace_id = trace_id
         new.trace_flags = 0 if trace_flags == 0 else _check_trace_flags(trace_flags, trace_id)
         new.operation = None if operation is None else _check_optional_text("operation", operation)
-        new.operation_depth = _check_depth(operation_depth)
+        new.operation_depth = (
+            0
+            if operation_depth == 0 and type(operation_depth) is int
+            else _check_depth(operation_depth)
+        )
         new.parent_request_id = (
             None
             if parent_request_id is None
@@ -256,7 +263,10 @@ class UserExecutionContext(_ContextBase):
         new.path = None if path is None else _check_request_text("path", path, MAX_PATH_LENGTH)
         new.created_at = _now(_UTC) if created_at is None else _check_created_at(created_at)
         new.db_session = db_session
-        return _seal(new)
+        new.__class__ = UserExecutionContext  # sealed as _seal does (see the module docstring)
+        if _track is not None:
+            _track(new)
+        return new  # type: ignore[no-any-return]
 
     # -- construction helpers -------------------------------------------------------------
 
@@ -286,7 +296,7 @@ class UserExecutionContext(_ContextBase):
         depth = self.operation_depth + 1
         if depth > MAX_OPERATION_DEPTH:
             raise MaxDepthExceededError(f"operation_depth may not exceed {MAX_OPERATION_DEPTH}")
-        new = _copy(self)
+        new = _child_copy(self)  # every field but those of _CHILD_FIELDS, set below
         if permissions is not None:
             narrowed = _check_names("permissions", permissions)
             extra = sorted(p for p in narrowed if not self.has_permission(p))
@@ -308,7 +318,10 @@ class UserExecutionContext(_ContextBase):
         new.operation_depth = depth
         new.parent_request_id = self.request_id
         new.created_at = _now(_UTC)
-        return _seal(new)
+        new.__class__ = UserExecutionContext  # sealed as _seal does (see the module docstring)
+        if _track is not None:
+            _track(new)
+        return new  # type: ignore[no-any-return]
 
     def replace(self, **changes: Any) -> UserExecutionContext:
         """A validated copy with ``changes`` applied."""
@@ -445,29 +458,43 @@ _SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
 _SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
 
 
-class _Filler(_ContextBase):
-    """The mutable twin of UserExecutionContext: same slots, same layout (see the module
-    docstring). Only ever seen inside this module, between :func:`_copy` and :func:`_seal`."""
+class _Filler(UserExecutionContext):
+    """UserExecutionContext with plain attribute stores (see the module docstring).
 
-    __slots__ = _SLOTS
+    It adds no slots, so its instances have the context's layout and sealing one is a cheap
+    ``__class__`` switch. Made with ``object.__new__`` (the keyword constructor is not run);
+    only ever seen inside this module, between its copy (or the keyword constructor's
+    checks) and its seal.
+    """
+
+    __slots__ = ()
+    __setattr__ = object.__setattr__
+    __delattr__ = object.__delattr__
 
 
-def _compile_copy() -> Callable[[UserExecutionContext], Any]:
-    """``_copy(ctx)``: a ``_Filler`` holding every field of ``ctx``.
+def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionContext], Any]:
+    """``name(ctx)``: a ``_Filler`` holding every field of ``ctx`` but those in ``skip``, which
+    its caller sets itself (a store into a slot already filled costs more than into an empty
+    one).
 
     Generated from the field declarations, as dataclasses generates ``__init__``: one plain
     attribute copy per field, with no loop and no ``getattr``/``setattr`` calls.
     """
-    lines = ["def _copy(src):", "    new = _new(_Filler)"]
-    lines += [f"    new.{name} = src.{name}" for name in _SLOTS]
+    lines = [f"def {name}(src):", "    new = _new(_Filler)"]
+    lines += [f"    new.{slot} = src.{slot}" for slot in _SLOTS if slot not in skip]
     lines.append("    return new")
     namespace: dict[str, Any] = {"_new": _new, "_Filler": _Filler}
     exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the field names
-    copy: Callable[[UserExecutionContext], Any] = namespace["_copy"]
+    copy: Callable[[UserExecutionContext], Any] = namespace[name]
     return copy
 
 
-_copy = _compile_copy()
+#: The fields :meth:`~UserExecutionContext.child` sets itself; it copies the others.
+_CHILD_FIELDS = frozenset(
+    ["request_id", "operation", "operation_depth", "parent_request_id", "created_at"]
+)
+_copy = _compile_copy("_copy", frozenset())
+_child_copy = _compile_copy("_child_copy", _CHILD_FIELDS)
 
 
 def _bare() -> UserExecutionContext:
@@ -496,7 +523,7 @@ def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
 
 
 #: The validated fields of a caller (see :func:`caller_template`): what :func:`request_context`
-#: copies. An unsealed ``_Filler``: not a context itself, so never counted as a live one.
+#: copies. An unsealed ``_Filler``: never handed out as a context, never counted as a live one.
 CallerTemplate = Any
 
 
@@ -506,7 +533,7 @@ def caller_template(ctx: UserExecutionContext) -> CallerTemplate:
 
 
 # request_context: the fields it sets (the request's own) are those of _REQUEST_FIELDS; every
-# other one is copied from the caller. It ends as _seal does, written out to save the call.
+# other one is copied from the caller. It ends as _seal does (see the module docstring).
 _REQUEST_SOURCE = """
 def request_context(
     caller,
@@ -522,8 +549,9 @@ def request_context(
 {copies}
     if outer is None:
         try:
-            new.thread_id, new.run_id = pop_id_pair()
-        except IndexError:  # the pool is empty: refill it
+            new.thread_id = pop_id()
+            new.run_id = pop_id()
+        except IndexError:  # the pool is empty: generate_id_pair refills it
             new.thread_id, new.run_id = generate_id_pair()
     else:
         new.thread_id = outer.thread_id

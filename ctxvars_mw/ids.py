@@ -191,13 +191,13 @@ _DEFAULT_RULES = IdRules(
     allowed=frozenset(_PREFIX_EXCEPTIONS),
 )
 _global_rules = _DEFAULT_RULES
-_rules_var: ContextVar[IdRules | None] = ContextVar("ctxvars_mw.id_rules", default=None)
+# Set only by use_id_rules; unset, the process-wide rules apply.
+_rules_var: ContextVar[IdRules] = ContextVar("ctxvars_mw.id_rules")
 
 
 def get_id_rules() -> IdRules:
     """The id rules in force here: the innermost ``use_id_rules``, else the process-wide ones."""
-    rules = _rules_var.get()
-    return _global_rules if rules is None else rules
+    return _rules_var.get(_global_rules)
 
 
 def set_id_rules(rules: IdRules) -> None:
@@ -221,36 +221,28 @@ def use_id_rules(rules: IdRules) -> Iterator[IdRules]:
 
 
 # Ids are drawn from the OS's random source in batches: one ``os.urandom`` call for 128 ids,
-# cut apart in C (``hex()`` puts a space after every 12 bytes, ``split()`` cuts there), then
-# handed out by ``list.pop()``, which is atomic, so two threads never get the same id. Pairs
-# (a new request's thread and run id) come from a pool of their own: one pop for both. A
-# forked child empties the pools, or it would hand out the ids its parent will.
+# cut apart in C (``hex()`` puts a space after every 12 bytes, ``split(" ")`` cuts there), then
+# handed out by ``list.pop()``, which is atomic, so two threads never get the same id. A forked
+# child empties the pool, or it would hand out the ids its parent will.
 _POOL_SIZE = 128
 _id_pool: list[str] = []
-_pair_pool: list[tuple[str, str]] = []
-_pop_id = _id_pool.pop
-#: A pair of new random ids from the pool, without a function call of its own: raises
-#: IndexError when the pool is empty, and :func:`generate_id_pair` then refills it. For the
-#: per-request path; anything else calls :func:`generate_id_pair`.
-pop_id_pair = _pair_pool.pop
+#: A new random id from the pool, without a function call of its own: raises IndexError when
+#: the pool is empty, and :func:`generate_id` then refills it. For the per-request path;
+#: anything else calls :func:`generate_id`.
+pop_id = _id_pool.pop
 
 
 def _draw(count: int) -> list[str]:
-    return os.urandom(12 * count).hex(" ", 12).split()
+    return os.urandom(12 * count).hex(" ", 12).split(" ")
 
 
-def _after_fork_in_child() -> None:
-    _id_pool.clear()
-    _pair_pool.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_id_pool.clear)
 
 
 def generate_id() -> str:
     """A new random id: 24 lowercase hex characters (96 bits from ``os.urandom``)."""
     try:
-        return _pop_id()
+        return pop_id()
     except IndexError:
         ids = _draw(_POOL_SIZE)
         new_id = ids.pop()  # not taken from the pool: another thread may empty it first
@@ -261,18 +253,17 @@ def generate_id() -> str:
 def generate_id_pair() -> tuple[str, str]:
     """Two new random ids (a new request's thread and run id)."""
     try:
-        return pop_id_pair()
-    except IndexError:
-        ids = iter(_draw(2 * _POOL_SIZE))
-        pairs = list(zip(ids, ids, strict=True))
-        pair = pairs.pop()
-        _pair_pool.extend(pairs)
-        return pair
+        return pop_id(), pop_id()
+    except IndexError:  # the pool ran out: generate_id refills it
+        return generate_id(), generate_id()
 
 
 def generate_ids() -> tuple[str, str, str]:
     """Three new random ids (thread, run and request id of a new context)."""
-    return generate_id(), generate_id(), generate_id()
+    try:
+        return pop_id(), pop_id(), pop_id()
+    except IndexError:  # the pool ran out: generate_id refills it
+        return generate_id(), generate_id(), generate_id()
 
 
 def random_hex(nbytes: int) -> str:

@@ -162,6 +162,17 @@ def test_generated_ids_are_long_and_unique() -> None:
     assert len(set(ids)) == len(ids)
 
 
+@pytest.mark.parametrize("given", ["thread_id", "run_id", "request_id"])
+def test_ids_left_out_are_generated_when_others_are_given(given: str) -> None:
+    """Giving one of thread, run and request id keeps it and generates the other two."""
+    ctx = make(**{given: "given_45c48cce2e2d7fbd"})
+    assert getattr(ctx, given) == "given_45c48cce2e2d7fbd"
+    drawn = [getattr(ctx, f) for f in ("thread_id", "run_id", "request_id") if f != given]
+    assert all(len(i) == 24 for i in drawn)
+    assert len(set(drawn)) == 2
+    assert ctx.correlation_id == ctx.request_id
+
+
 def test_root_correlation_id_defaults_to_request_id() -> None:
     """A root context's correlation id is its own request id unless one is given."""
     ctx = make()
@@ -395,7 +406,7 @@ def test_depth_above_maximum_is_refused_with_max_depth_error() -> None:
         make(operation_depth=11)
 
 
-@pytest.mark.parametrize("depth", [1.0, "1", True])
+@pytest.mark.parametrize("depth", [1.0, "1", True, 0.0, False])
 def test_non_int_depth_is_refused(depth: object) -> None:
     """operation_depth must be a real int (not a bool, float or str)."""
     with pytest.raises(InvalidContextError):
@@ -753,6 +764,42 @@ def test_child_inherits_every_documented_field() -> None:
         "path",
     ):
         assert getattr(child, name) == getattr(parent, name), name
+
+
+def _every_way_in() -> dict[str, UserExecutionContext]:
+    parent = full_context()
+    return {
+        "constructor": parent,
+        "anonymous": UserExecutionContext.anonymous(),
+        "child": parent.child("op"),
+        "child with extras": parent.child(
+            "op", agent_context={"k": 1}, audit_metadata={"a": 2}, permissions={"agents:run"}
+        ),
+        "replace": parent.replace(operation="other"),
+        "with_db_session": parent.with_db_session(object()),
+        "request_context": request_context(
+            caller_template(parent),
+            "req_aaaaaaaaaaaaaaaaaaaa",
+            "corr_bbbbbbbbbbbbbbbbbbbb",
+            None,
+            None,
+        ),
+    }
+
+
+@pytest.mark.parametrize("way", list(_every_way_in()))
+def test_every_way_in_makes_a_frozen_context_with_every_field_set(way: str) -> None:
+    """The constructor, child(), replace(), the with_ copies and request_context() all give
+    a UserExecutionContext itself (not a subclass), frozen, with every field readable."""
+    ctx = _every_way_in()[way]
+    assert type(ctx) is UserExecutionContext
+    for f in dataclasses.fields(UserExecutionContext):
+        getattr(ctx, f.name)  # an unset slot would raise AttributeError
+    assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.operation = "changed"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del ctx.user_id  # type: ignore[misc]
 
 
 def test_child_gets_new_request_id_and_points_at_parent() -> None:
