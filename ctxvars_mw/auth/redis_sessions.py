@@ -28,6 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .._redis import redis_client, redis_errors
 from ..errors import ConfigurationError, ServiceUnavailableError
 from ..frozen import freeze_mapping, thaw
 from .sessions import (
@@ -93,34 +94,14 @@ class RedisSessionStore:
         timeout: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        import redis.asyncio as redis_asyncio
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError
-
         self.idle_timeout = seconds("idle_timeout", idle_timeout)
         self.absolute_timeout = seconds("absolute_timeout", absolute_timeout)
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError("prefix must be a non-empty string")
         self.prefix = prefix
-        if isinstance(url_or_client, str):
-            # One retry, at once, on a connection error: a pooled connection that died with a
-            # Redis restart is reconnected on its next command instead of failing a request.
-            # Timeouts are not retried (a partition fails closed within `timeout`).
-            self._redis: Any = redis_asyncio.Redis.from_url(
-                url_or_client,
-                socket_connect_timeout=timeout,
-                socket_timeout=timeout,
-                retry_on_error=[RedisConnectionError],
-            )
-            self._owns_client = True
-        elif isinstance(url_or_client, redis_asyncio.Redis):
-            self._redis = url_or_client
-            self._owns_client = False
-        else:
-            raise ConfigurationError(
-                "url_or_client must be a redis:// URL or a redis.asyncio.Redis"
-            )
-        self._errors = (RedisError, OSError, TimeoutError)
+        self._redis, self._owns_client = redis_client(url_or_client, timeout=timeout)
+        self._errors = redis_errors()
+        self._listen_errors: tuple[type[Exception], ...] = (*self._errors, ConnectionError)
         self._touch = self._redis.register_script(_TOUCH)
         self._clock = clock
 
@@ -264,7 +245,7 @@ class RedisSessionStore:
             pubsub = self._redis.pubsub()
             try:
                 await self._listen(pubsub, callback, keepalive, listening)
-            except (*self._errors, ConnectionError) as exc:
+            except self._listen_errors as exc:
                 if not outage:
                     outage = True
                     logger.warning(

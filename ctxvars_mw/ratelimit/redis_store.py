@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._redis import redis_client, redis_errors
 from ..errors import ConfigurationError, ServiceUnavailableError
 from .declarations import Rate
 from .store import QuotaVerdict, RateVerdict
@@ -89,38 +90,19 @@ class RedisLimitStore:
         max_connections: int = 50,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        import redis.asyncio as redis_asyncio
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError
-
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError("prefix must be a non-empty string")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if not callable(clock):
             raise ConfigurationError("clock must be a callable returning the Unix time")
-        if isinstance(url_or_client, str):
-            pool: Any = redis_asyncio.BlockingConnectionPool.from_url(
-                url_or_client,
-                max_connections=max_connections,
-                timeout=timeout,  # waiting for a free connection counts against the bound
-                socket_connect_timeout=timeout,
-                socket_timeout=timeout,
-                retry_on_error=[RedisConnectionError],
-            )
-            self._redis: Any = redis_asyncio.Redis(connection_pool=pool)
-            self._owns_client = True
-        elif isinstance(url_or_client, redis_asyncio.Redis):
-            self._redis = url_or_client
-            self._owns_client = False
-        else:
-            raise ConfigurationError(
-                "url_or_client must be a redis:// URL or a redis.asyncio.Redis"
-            )
+        self._redis, self._owns_client = redis_client(
+            url_or_client, timeout=timeout, max_connections=max_connections
+        )
         self.prefix = prefix
         self.timeout = float(timeout)
         self.clock = clock
-        self._errors = (RedisError, OSError, TimeoutError)
+        self._errors = redis_errors()
         self._hit = self._redis.register_script(_HIT)
         self._consume = self._redis.register_script(_CONSUME)
 
