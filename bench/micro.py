@@ -95,7 +95,7 @@ def _complete(coro: Any) -> Any:
 def _jwt_namespace() -> dict[str, Any]:
     """The pieces of the cached-JWT request path, when ``JWTAuthenticator`` exists."""
     from ctxvars_mw import ContextMiddleware
-    from ctxvars_mw.auth.base import Connection
+    from ctxvars_mw.auth.cache import token_digest
     from ctxvars_mw.context import request_context
 
     from . import tokens
@@ -117,8 +117,7 @@ def _jwt_namespace() -> dict[str, Any]:
         "authorization": b"Bearer " + token.encode("ascii"),
         "admission": admission,
         "caller": admission.caller(identity),
-        "Connection": Connection,
-        "complete": _complete,
+        "token_digest": token_digest,
         "request_context": request_context,
     }
 
@@ -187,9 +186,9 @@ CASES: dict[str, tuple[str, str | None]] = {
 
 #: The cached-JWT request path, piece by piece (what the middleware adds over anonymous).
 JWT_CASES: dict[str, tuple[str, str | None]] = {
-    "JWT path: find the bearer token": ("admission.token(scope, authorization)", None),
-    "JWT path: Connection(scope, token)": ("Connection(scope, token)", None),
-    "JWT path: JWTAuthenticator.verify, cache hit": ("complete(jwt_auth.verify(token))", None),
+    "JWT path: find the bearer token": ("admission.credentials(scope, authorization)", None),
+    "JWT path: JWTAuthenticator.cached, hit": ("jwt_auth.cached(token)", None),
+    "JWT path: the token's cache key (BLAKE2b)": ("token_digest(token)", None),
     "JWT path: Admission.caller, memo hit": ("admission.caller(identity)", None),
     "JWT path: request_context, authenticated": (
         "request_context(caller, TRACE, TRACE, TRACE, None)",
