@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -239,3 +240,22 @@ def run(*, n: int, repeats: int, batch: int = 100, warmup: int = 200) -> dict[st
     """Run :func:`run_asgi` in a fresh event loop."""
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(run_asgi(n=n, repeats=repeats, batch=batch, warmup=warmup))
+
+
+def complete(coro: Any) -> Any:
+    """Run a coroutine that never suspends (a cache hit, an in-memory check) to its result,
+    without a loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("the coroutine suspended")
+
+
+def redis_answers() -> bool:
+    """True when a Redis answers on 127.0.0.1:6379."""
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        return False
+    return True

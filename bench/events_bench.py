@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import statistics
 import time
 import tracemalloc
@@ -19,7 +18,7 @@ from typing import Any
 from ctxvars_mw import UserExecutionContext, use_context
 
 from .analysis import check
-from .driver import loop_factory
+from .driver import loop_factory, redis_answers
 from .stats import Summary, rss_bytes
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -44,14 +43,6 @@ def available() -> str | None:
     except ImportError:
         return "ctxvars_mw.events is not there yet"
     return None
-
-
-def _redis_answers() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 async def _latency(backend: Any, messages: int) -> list[float]:
@@ -110,7 +101,7 @@ async def _main(messages: int, connections: int) -> dict[str, Any]:
     from ctxvars_mw.events import RedisBackend
 
     out: dict[str, Any] = {"local_us": await _latency(None, messages)}
-    if _redis_answers():
+    if redis_answers():
         prefix = f"ctxvars-bench:{uuid.uuid4().hex[:8]}:"
         out["redis_us"] = await _latency(RedisBackend(REDIS_URL, channel_prefix=prefix), messages)
     out["memory"] = await _connections_memory(connections)

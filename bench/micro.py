@@ -15,6 +15,8 @@ from typing import Any
 
 from ctxvars_mw import Tier, UserExecutionContext, get_context, use_context
 
+from .driver import complete
+
 USER = "auth0|5f7c8ec7c33c6c004bbafe82"
 SESSION = "sess_8f14e45fceea167a5a36dedd4bea2543"
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -83,15 +85,6 @@ def _decorated() -> tuple[Any, Any] | None:
     return requires_permission("threads:read")(handler), _noop
 
 
-def _complete(coro: Any) -> Any:
-    """Run a coroutine that never suspends (a cache hit) to its result, without a loop."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("the coroutine suspended")
-
-
 def _jwt_namespace() -> dict[str, Any]:
     """The pieces of the cached-JWT request path, when ``JWTAuthenticator`` exists."""
     from ctxvars_mw import ContextMiddleware
@@ -106,7 +99,7 @@ def _jwt_namespace() -> dict[str, Any]:
     if auth is None:
         return {}
     token = tokens.mint("HS256", unique=False)
-    identity = _complete(auth.verify(token))
+    identity = complete(auth.verify(token))
     scope = http_scope(token)
     admission = ContextMiddleware(bare_app(), authenticator=auth).admission
     return {

@@ -17,7 +17,6 @@ the client connection's sends).
 from __future__ import annotations
 
 import asyncio
-import socket
 import statistics
 import time
 import uuid
@@ -26,7 +25,7 @@ from typing import Any
 
 from ctxvars_mw import ContextMiddleware, InMemoryLimitStore, Limiter, Policy, UserExecutionContext
 
-from .driver import http_scope, loop_factory, sequential
+from .driver import complete, http_scope, loop_factory, redis_answers, sequential
 from .stats import Summary
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -45,15 +44,6 @@ def available() -> str | None:
     except ImportError:
         return "the limits library is not installed (pip install -e '.[dev]')"
     return None
-
-
-def _complete(coro: Any) -> Any:
-    """Run a coroutine that never suspends to its result, without a loop."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("the coroutine suspended")
 
 
 def _memory_cases() -> dict[str, Callable[[int], None]]:
@@ -80,12 +70,12 @@ def _memory_cases() -> dict[str, Callable[[int], None]]:
     def ours(n: int) -> None:
         check = limiter.check_request
         for i in range(n):
-            _complete(check(scope, contexts[i % size]))
+            complete(check(scope, contexts[i % size]))
 
     def ours_store(n: int) -> None:
         hit, rates = store.hit, plan.rates
         for i in range(n):
-            _complete(hit(keys[i % size], rates))
+            complete(hit(keys[i % size], rates))
 
     def theirs(strategy: Any) -> Callable[[int], None]:
         def run(n: int) -> None:
@@ -98,7 +88,7 @@ def _memory_cases() -> dict[str, Callable[[int], None]]:
     def theirs_aio(n: int) -> None:
         hit = aio_moving.hit
         for i in range(n):
-            _complete(hit(item, USERS[i % size]))
+            complete(hit(item, USERS[i % size]))
 
     return {
         "ctxvars_mw: Limiter.check_request (key, GCRA, headers)": ours,
@@ -154,14 +144,6 @@ async def _time_requests(n: int, repeats: int) -> dict[str, list[float]]:
             cpu, _ = await sequential(apps[name], templates, n)
             samples[name].append(cpu)
     return samples
-
-
-def _redis_answers() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def _counting_connection() -> tuple[type, dict[str, int]]:
@@ -244,7 +226,7 @@ def run(*, n: int, repeats: int, redis_checks: int) -> dict[str, Any]:
     with asyncio.Runner(loop_factory=factory) as runner:
         out["memory_us"] = runner.run(_in_loop(_time_memory, n, repeats))
         out["request_us"] = runner.run(_time_requests(n, repeats))
-        if _redis_answers():
+        if redis_answers():
             out["redis_us"] = runner.run(_time_redis(redis_checks))
     return out
 
