@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from .._memo import remember
 from ..context import CallerTemplate, UserExecutionContext, caller_template
@@ -70,6 +71,13 @@ def _cache_of(authenticator: Authenticator | None) -> Callable[[str], Identity |
     if owner is None or verifier is None or not issubclass(owner, verifier):
         return None
     return cached  # type: ignore[no-any-return]
+
+
+def _refuse(what: str, exc: Exception) -> NoReturn:
+    """Fail closed on an authenticator that raised something other than our HTTP errors: a
+    401, logged by the exception's type only (its text may hold the credentials)."""
+    logger.error("%s %s; the request is refused", what, type(exc).__name__)
+    raise InvalidTokenError("The credentials could not be verified.") from None
 
 
 def _check_token(raw: bytes) -> None:
@@ -189,10 +197,7 @@ class Admission:
         except HTTPError:
             raise
         except Exception as exc:
-            logger.error(
-                "authenticator cache raised %s; the request is refused", type(exc).__name__
-            )
-            raise InvalidTokenError("The credentials could not be verified.") from None
+            _refuse("authenticator cache raised", exc)
         return identity if identity is None or isinstance(identity, Identity) else None
 
     async def identify(self, scope: Scope, token: str | None) -> Identity | None:
@@ -203,8 +208,7 @@ class Admission:
         except HTTPError:
             raise
         except Exception as exc:
-            logger.error("authenticator raised %s; the request is refused", type(exc).__name__)
-            raise InvalidTokenError("The credentials could not be verified.") from None
+            _refuse("authenticator raised", exc)
         if identity is None:
             if self.require_authentication and not self.is_exempt(scope.get("path", "")):
                 raise AuthenticationRequiredError()
