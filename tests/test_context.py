@@ -1195,3 +1195,32 @@ def test_a_requests_context_takes_its_metadata_from_the_request_not_the_caller()
     )
     assert bare.client_ip is bare.user_agent is bare.method is bare.path is None
     assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx
+
+
+def test_created_at_reads_as_the_same_utc_datetime_every_time() -> None:
+    """A derived context's creation time is one aware UTC datetime, however often it is read,
+    and agrees with the clock ``datetime.now`` reads."""
+    parent = make()
+    before = datetime.now(UTC)
+    child = parent.child("op")
+    after = datetime.now(UTC)
+    first = child.created_at
+    assert type(first) is datetime
+    assert first.utcoffset() == timedelta(0)
+    assert before <= first <= after
+    assert child.created_at is first
+    assert parent.created_at <= first
+
+
+def test_created_at_survives_copies_pickling_and_equality_unread() -> None:
+    """Copies made before the creation time was ever read carry the same instant; equal
+    contexts hash alike whether or not their creation time was read."""
+    ctx = make().child("op")
+    copied = ctx.with_db_session(object())
+    restored = pickle.loads(pickle.dumps(ctx))
+    assert copied.created_at == ctx.created_at == restored.created_at
+    unread = pickle.loads(pickle.dumps(make().child("op")))
+    again = pickle.loads(pickle.dumps(unread))
+    assert hash(unread) == hash(again)
+    assert unread == again
+    assert ctx.to_dict()["created_at"] == ctx.created_at.isoformat()
