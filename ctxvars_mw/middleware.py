@@ -256,11 +256,15 @@ class ContextMiddleware:
         incoming = scope["headers"]
         found = read_headers(incoming, self.settings.wanted)
         outer = request_context_for(incoming)  # a ContextMiddleware around this one
-        request_id, correlation_id, (trace_id, flags), refusal = self.request_ids(
-            scope, found, outer
-        )
+        if outer is None:
+            request_id, correlation_id, id_headers, refusal = self.request_ids(scope, found)
+            trace_id, flags = trace_of(found.get(b"traceparent"))
+        else:  # the request's ids and trace are those the outer middleware set
+            request_id, correlation_id = outer.request_id, outer.correlation_id
+            trace_id, flags = outer.trace_id, outer.trace_flags
+            id_headers, refusal = self.id_headers(request_id, correlation_id), None
         headers = scope["headers"]  # with the ids in use (update_request_headers)
-        responder = Responder(send, self.settings, request_id, correlation_id)
+        responder = Responder(send, self.settings.id_names, id_headers)
         ws_id = request_id if kind == "websocket" else None
         caller, admission = self.admission.anonymous, self.admission
         if admission.authenticator is not None and refusal is None:
@@ -316,21 +320,17 @@ class ContextMiddleware:
                 close_scope(token, cleanups)
 
     def request_ids(
-        self, scope: Scope, found: dict[bytes, bytes], outer: UserExecutionContext | None
-    ) -> tuple[str, str, tuple[str | None, int], HTTPError | None]:
-        """The request's id, correlation id and ``(trace id, trace flags)``, and the refusal
-        of an invalid incoming id (``reject_invalid_ids``; else None).
+        self, scope: Scope, found: dict[bytes, bytes]
+    ) -> tuple[str, str, list[tuple[bytes, bytes]], HTTPError | None]:
+        """The request's id and correlation id, the response headers that carry them, and
+        the refusal of an invalid incoming id (``reject_invalid_ids``; else None).
 
-        Those of the request an outer ContextMiddleware handles already; else the accepted
-        incoming ones, generated when absent or refused (the correlation id defaults to the
-        request id). With ``update_request_headers``, ids that did not come in as they are
-        used replace the request's own id headers.
+        The accepted incoming ids (the response repeats the very bytes that came in), else
+        ids generated when absent or refused (the correlation id defaults to the request id).
+        With ``update_request_headers``, ids that did not come in as they are used replace
+        the request's own id headers.
         """
-        if outer is not None:
-            trace = (outer.trace_id, outer.trace_flags)
-            return outer.request_id, outer.correlation_id, trace, None
         settings = self.settings
-        trace = trace_of(found.get(b"traceparent"))
         if settings.trust_incoming_ids:
             raw_rid = found.get(settings.request_id_header)
             raw_cid = found.get(settings.correlation_id_header)
@@ -341,12 +341,19 @@ class ContextMiddleware:
             rules = get_id_rules()
             request_id = accept_header_id(raw_rid, rules, settings.id_validator)
             correlation_id = accept_header_id(raw_cid, rules, settings.id_validator)
-            if request_id is not None and correlation_id is not None:
-                return request_id, correlation_id, trace, None  # both in use as they came
+            if request_id is not None and correlation_id is not None:  # both in use as they came
+                names = settings.id_names
+                id_headers: Any = [(names[0], raw_rid), (names[1], raw_cid)]
+                return request_id, correlation_id, id_headers, None
         request_id, correlation_id, refusal = self.settle_ids(
             scope, raw_rid, request_id, raw_cid, correlation_id
         )
-        return request_id, correlation_id, trace, refusal
+        return request_id, correlation_id, self.id_headers(request_id, correlation_id), refusal
+
+    def id_headers(self, request_id: str, correlation_id: str) -> list[tuple[bytes, bytes]]:
+        """The response headers that carry these ids."""
+        names = self.settings.id_names
+        return [(names[0], request_id.encode()), (names[1], correlation_id.encode())]
 
     def settle_ids(
         self,
@@ -449,14 +456,11 @@ class Responder:
     __slots__ = ("_send", "id_headers", "id_names", "started", "subprotocol")
 
     def __init__(
-        self, send: Send, settings: Settings, request_id: str, correlation_id: str
+        self, send: Send, id_names: tuple[bytes, bytes], id_headers: list[tuple[bytes, bytes]]
     ) -> None:
         self._send = send
-        self.id_names = names = settings.id_names
-        self.id_headers = [
-            (names[0], request_id.encode()),
-            (names[1], correlation_id.encode()),
-        ]
+        self.id_names = id_names  # the id headers' names, lowercase
+        self.id_headers = id_headers  # what the response carries: ids, then RateLimit fields
         self.started = False  # a response (or the websocket's accept or close) was sent
         self.subprotocol: str | None = None
 
