@@ -492,14 +492,13 @@ class Responder:
         ASGI asks for lowercase response header names; an app that sends another case is still
         caught, at the price of a ``lower()`` for its non-lowercase names only.
         """
-        out = list(headers)
+        if type(headers) is not list:  # any iterable: it is read twice below
+            headers = list(headers)
         names = self.id_names
-        for name, _ in out:
+        for name, _ in headers:
             if name in names or not name.islower():
-                out = [(k, v) for k, v in out if k.lower() not in names]
-                break
-        out += self.id_headers
-        return out
+                return [(k, v) for k, v in headers if k.lower() not in names] + self.id_headers
+        return headers + self.id_headers
 
     async def refuse_at_door(
         self, scope: Scope, receive: Receive, exc: HTTPError, ctx: UserExecutionContext
