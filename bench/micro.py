@@ -179,9 +179,10 @@ CASES: dict[str, tuple[str, str | None]] = {
 
 #: The cached-JWT request path, piece by piece (what the middleware adds over anonymous).
 JWT_CASES: dict[str, tuple[str, str | None]] = {
+    "JWT path: Admission.admit_known, hit": ("admission.admit_known(scope, authorization)", None),
     "JWT path: find the bearer token": ("admission.credentials(scope, authorization)", None),
     "JWT path: JWTAuthenticator.cached, hit": ("jwt_auth.cached(token)", None),
-    "JWT path: the token's cache key (BLAKE2b)": ("token_digest(token)", None),
+    "JWT path: the token's cache key (BLAKE2b)": ("token_digest(token, 8192)", None),
     "JWT path: Admission.caller, memo hit": ("admission.caller(identity)", None),
     "JWT path: request_context, authenticated": (
         "request_context(caller, TRACE, TRACE, TRACE, None)",

@@ -268,10 +268,13 @@ class ContextMiddleware:
         ws_id = request_id if kind == "websocket" else None
         caller, admission = self.admission.anonymous, self.admission
         if admission.authenticator is not None and refusal is None:
+            authorization = found.get(b"authorization")
             try:
-                caller, responder.subprotocol = await admission.admit(
-                    scope, found.get(b"authorization")
-                )
+                known = admission.admit_known(scope, authorization)  # a cached token: no await
+                if known is not None:
+                    caller = known
+                else:
+                    caller, responder.subprotocol = await admission.admit(scope, authorization)
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
         reader = self.settings.metadata

@@ -678,7 +678,7 @@ async def test_a_token_verified_through_the_middleware_is_cached_under_its_diges
     async with client_for(app) as client:
         response = await client.get("/whoami", headers={"Authorization": f"bearer  {token}"})
     assert response.status_code == 200
-    cached = auth._cache.get(token_digest(token))
+    cached = auth._cache.get(token_digest(token, auth.max_token_bytes))
     assert cached is not None
     assert cached.user_id == USER
     assert len(auth._cache) == 1

@@ -1,6 +1,8 @@
 """Who the caller is, and whether they may enter: ContextMiddleware's one authentication step.
 
-:meth:`Admission.admit` runs these rules in order, each a small method:
+:meth:`Admission.admit` runs these rules in order, each a small method; before it, on an HTTP
+request, :meth:`Admission.admit_known` answers a bearer token the authenticator verified before
+(steps 2 and 3 with nothing to await) and leaves everything else to ``admit``:
 
 1. **The token** (:meth:`~Admission.credentials`): ``Authorization: Bearer``, on a websocket
    also the ``bearer`` subprotocol and the opt-in query parameter. Credentials sent more than
@@ -57,11 +59,13 @@ _TOKEN_TABLE = bytes(c if c in _TOKEN_CHARS else c ^ 1 for c in range(256))  # s
 _CALLERS_MAX = 4096
 
 
-def _cache_of(authenticator: Authenticator | None) -> Callable[[str], Identity | None] | None:
+def _cache_of(authenticator: Authenticator | None) -> Callable[[bytes], Identity | None] | None:
     """The authenticator's public ``cached(token)``: the identity of a token it verified
-    before, answered without awaiting ``authenticate``. None when it has none, or when a
-    subclass overrides ``authenticate`` below the class that defines ``cached`` (the override
-    must see every request)."""
+    before, answered without awaiting ``authenticate``; here a function of the token's ASCII
+    bytes (handed over as they are when the class defining ``cached`` says it takes them, with
+    ``cached_takes_bytes = True``, else decoded). None when it has none, or when a subclass
+    overrides ``authenticate`` below the class that defines ``cached`` (the override must see
+    every request)."""
     cached = getattr(authenticator, "cached", None)
     if cached is None or not callable(cached):
         return None
@@ -70,7 +74,9 @@ def _cache_of(authenticator: Authenticator | None) -> Callable[[str], Identity |
     verifier = next((c for c in mro if "authenticate" in vars(c)), None)
     if owner is None or verifier is None or not issubclass(owner, verifier):
         return None
-    return cached  # type: ignore[no-any-return]
+    if vars(owner).get("cached_takes_bytes") is True:
+        return cached  # type: ignore[no-any-return]
+    return lambda raw: cached(raw.decode("ascii"))
 
 
 def _refuse(what: str, exc: Exception) -> NoReturn:
@@ -86,6 +92,13 @@ def _check_token(raw: bytes) -> None:
     body = raw.rstrip(b"=")
     if not body or body.translate(_TOKEN_TABLE) is not body:
         raise InvalidTokenError("The access token is malformed.")
+
+
+def _bearer(authorization: bytes) -> bytes | None:
+    """The credentials of an ``Authorization: Bearer`` header (spaces around them dropped);
+    None for another scheme, and so for :data:`REPEATED`."""
+    scheme, _, credentials = authorization.partition(b" ")
+    return credentials.strip(b" ") if scheme.lower() == b"bearer" else None
 
 
 def _token_text(raw: bytes) -> str:
@@ -130,8 +143,24 @@ class Admission:
         )
         #: The authenticator's ``cached(token)`` (see :func:`_cache_of`), or None.
         self.cached = _cache_of(authenticator)
+        # A cached token admits with nothing to await unless a session store is to be asked.
+        self._known_first = self.cached is not None and session_store is None
         self._callers: dict[int, tuple[Identity, IdRules, CallerTemplate]] = {}
         self._outage = 0  # requests refused (or let through) since the store stopped answering
+
+    def admit_known(self, scope: Scope, authorization: bytes | None) -> CallerTemplate | None:
+        """The caller of an HTTP request whose bearer token the authenticator verified before
+        (its ``cached(token)``), found without awaiting anything; None when :meth:`admit` is
+        to decide: no such token, a websocket (its other token sources), a repeated header or
+        a non-ASCII token (refused there), or a session store to ask. Raises what ``cached``
+        refuses (a token over its size limit, an authenticator cache that fails)."""
+        if not self._known_first or authorization is None or scope["type"] != "http":
+            return None
+        raw = _bearer(authorization)
+        if raw is None or not raw.isascii():
+            return None
+        identity = self.known(raw)
+        return None if identity is None else self.caller(identity)
 
     async def admit(
         self, scope: Scope, authorization: bytes | None
@@ -148,7 +177,7 @@ class Admission:
         else:
             token = _token_text(raw)
             if self.cached is not None:
-                identity = self.known(token)
+                identity = self.known(raw)
         if identity is None:
             if raw is not None:
                 _check_token(raw)
@@ -166,11 +195,7 @@ class Admission:
         """The bearer token as sent, and the subprotocol marker it came with (websockets)."""
         if authorization is REPEATED:
             raise InvalidRequestError("The Authorization header was sent more than once.")
-        bearer = None
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(b" ")
-            if scheme.lower() == b"bearer":
-                bearer = credentials.strip(b" ")
+        bearer = None if authorization is None else _bearer(authorization)
         if scope["type"] != "websocket":
             return bearer, None
         found = [] if bearer is None else [bearer]
@@ -188,12 +213,13 @@ class Admission:
             raise InvalidRequestError("The access token was sent in more than one way.")
         return (found[0], subprotocol) if found else (None, None)
 
-    def known(self, token: str) -> Identity | None:
-        """The authenticator's cached identity of ``token`` (its public ``cached(token)``),
-        or None; one that raises anything but our HTTP errors refuses the token."""
+    def known(self, raw: bytes) -> Identity | None:
+        """The authenticator's cached identity of the ASCII token ``raw`` (its public
+        ``cached(token)``, see :func:`_cache_of`), or None; one that raises anything but our
+        HTTP errors refuses the token."""
         assert self.cached is not None
         try:
-            identity = self.cached(token)
+            identity = self.cached(raw)
         except HTTPError:
             raise
         except Exception as exc:

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..tier import Tier
 from .base import Connection, Identity
-from .cache import VerifiedTokens, token_digest
+from .cache import TTLCache, token_digest
 from .claims import ClaimRules
 from .discovery import ProviderMetadata
 from .jose import Compact, HeaderRules, parse_compact
@@ -81,8 +81,8 @@ class JWTAuthenticator:
     ``scope_claim`` → scopes (a space-separated string or a list), ``session_claim`` →
     session id; ``client_id`` (or ``azp``) → ``Identity.client_id``. ``required_typ="at+jwt"``
     (which ``typ: application/at+jwt`` also satisfies) is the setting for RFC 9068 access
-    tokens. Verified tokens are cached (an LRU of ``cache_size`` entries keyed by a SHA-256
-    of the token, each until the token's ``exp`` and while its key is published;
+    tokens. Verified tokens are cached (an LRU of ``cache_size`` entries keyed by a BLAKE2b-256
+    digest of the token, each until the token's ``exp`` and while its key is published;
     ``cache_size=0`` disables it). ``http_client`` (optional) is used for JWKS fetches
     instead of a short-lived client per fetch; ``clock`` is for tests.
     """
@@ -160,7 +160,7 @@ class JWTAuthenticator:
                 http_client=http_client,
             )
         self._clock = clock
-        self._cache: VerifiedTokens[Identity] = VerifiedTokens(
+        self._cache: TTLCache[Identity] = TTLCache(
             int_option("cache_size", cache_size, 0), clock, self._jwks
         )
 
@@ -240,24 +240,23 @@ class JWTAuthenticator:
         digest, cached = self._lookup(token)
         return cached if cached is not None else await self._verify_uncached(token, digest)
 
-    def cached(self, token: str) -> Identity | None:
+    #: :meth:`cached` takes a token as text or as its ASCII bytes (as a header carries it).
+    cached_takes_bytes = True
+
+    def cached(self, token: str | bytes) -> Identity | None:
         """The identity of ``token`` when it was verified before and its entry is still live
         (its ``exp`` not reached, its key still published); else None. No I/O, no signature
         check: the middleware asks this first, and awaits :meth:`authenticate` only on a miss."""
-        return self._lookup(token)[1]
+        return self._cache.get(token_digest(token, self.max_token_bytes))
 
     async def verify(self, token: str) -> Identity:
         """Verify ``token`` and return its identity (InvalidTokenError when it is refused)."""
         digest, cached = self._lookup(token)
         return cached if cached is not None else await self._verify_uncached(token, digest)
 
-    def _lookup(self, token: str, digest: bytes | None = None) -> tuple[bytes, Identity | None]:
-        """The token's cache key (its digest, computed once: ``digest`` when the caller has
-        it already) and its cached identity, if any."""
-        if len(token) > self.max_token_bytes:
-            raise InvalidTokenError("The access token is too large.")
-        if digest is None:
-            digest = token_digest(token)
+    def _lookup(self, token: str) -> tuple[bytes, Identity | None]:
+        """The token's cache key (its digest, computed once) and its cached identity, if any."""
+        digest = token_digest(token, self.max_token_bytes)
         return digest, self._cache.get(digest)
 
     async def _verify_uncached(self, token: str, digest: bytes) -> Identity:
@@ -275,7 +274,7 @@ class JWTAuthenticator:
             if self.require_low_s:
                 raise InvalidTokenError("The token's signature is not in low-S form.")
             # Known by its low-S spelling: the twin's cache entry answers for this one.
-            canonical = token_digest(_respelled(compact, twin))
+            canonical = token_digest(_respelled(compact, twin), self.max_token_bytes)
             cached = self._cache.get(canonical)
             if cached is not None:
                 return cached
