@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .auth.admission import REPEATED, Admission
+from .auth.admission import NOT_CACHED, REPEATED, Admission
 from .auth.base import Authenticator
 from .auth.sessions import SessionStore
 from .context import UserExecutionContext, evolve, request_context
@@ -271,10 +271,12 @@ class ContextMiddleware:
             authorization = found.get(b"authorization")
             try:
                 known = admission.admit_known(scope, authorization)  # a cached token: no await
-                if known is not None:
-                    caller = known
+                if known is None or known is NOT_CACHED:
+                    caller, responder.subprotocol = await admission.admit(
+                        scope, authorization, cache_asked=known is NOT_CACHED
+                    )
                 else:
-                    caller, responder.subprotocol = await admission.admit(scope, authorization)
+                    caller = known
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
         reader = self.settings.metadata

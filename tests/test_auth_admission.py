@@ -18,7 +18,7 @@ from ctxvars_mw import (
     InvalidTokenError,
     JWTAuthenticator,
 )
-from ctxvars_mw.auth.admission import REPEATED, Admission
+from ctxvars_mw.auth.admission import NOT_CACHED, REPEATED, Admission
 from ctxvars_mw.auth.cache import TTLCache, token_digest
 from ctxvars_mw.errors import InvalidRequestError
 from tests.auth_helpers import AUDIENCE, SECRET, USER, claims, make_app, sign
@@ -52,7 +52,7 @@ async def test_a_cached_token_gets_the_caller_admit_gives() -> None:
     admission = _admission(auth)
     token = sign(claims())
     header = b"Bearer " + token.encode()
-    assert admission.admit_known(_http(), header) is None  # not verified yet
+    assert admission.admit_known(_http(), header) is NOT_CACHED  # not verified yet
     caller, subprotocol = await admission.admit(_http(), header)
     assert admission.admit_known(_http(), header) is caller
     assert admission.admit_known(_http(), b"bEaReR   " + token.encode() + b" ") is caller
@@ -103,7 +103,7 @@ async def test_an_expired_cached_token_is_verified_again() -> None:
     await admission.admit(_http(), header)
     assert admission.admit_known(_http(), header) is not None
     clock.now += 61
-    assert admission.admit_known(_http(), header) is None
+    assert admission.admit_known(_http(), header) is NOT_CACHED
     assert (await admission.admit(_http(), header))[0].user_id == USER  # inside the leeway
     clock.now += 60
     with pytest.raises(ExpiredTokenError):
@@ -158,7 +158,7 @@ async def test_cached_gets_text_unless_its_class_takes_bytes() -> None:
 
     assert _admission(Remembering()).admit_known(_http(), b"Bearer abc") is not None
     logged = Logged(key=SECRET, algorithms=["HS256"], audience=AUDIENCE)
-    assert _admission(logged).admit_known(_http(), b"Bearer abc") is None
+    assert _admission(logged).admit_known(_http(), b"Bearer abc") is NOT_CACHED
     assert seen == ["abc", "abc"]
 
 
@@ -210,3 +210,24 @@ def test_the_cache_is_an_lru_bounded_by_its_size() -> None:
     assert [cache.get(k) for k in (b"1", b"2", b"3")] == [1, None, 3]
     cache.put(b"4", 4, time.time() - 1)  # already past: not stored
     assert len(cache) == 2
+
+
+async def test_a_token_the_cache_missed_is_verified_without_asking_it_again() -> None:
+    """admit_known's miss, then admit(cache_asked=True): the cache is asked once, the token
+    is verified, and the next request is a hit."""
+    auth = _jwt()
+    asked: list[object] = []
+    lookup = auth.cached
+
+    def spy(token: Any) -> Any:
+        asked.append(token)
+        return lookup(token)
+
+    auth.cached = spy  # type: ignore[method-assign]
+    admission = _admission(auth)
+    header = b"Bearer " + sign(claims()).encode()
+    assert admission.admit_known(_http(), header) is NOT_CACHED
+    caller, _ = await admission.admit(_http(), header, cache_asked=True)
+    assert len(asked) == 1
+    assert admission.admit_known(_http(), header) is caller
+    assert len(asked) == 2

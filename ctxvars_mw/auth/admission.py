@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .._memo import remember
 from ..context import CallerTemplate, UserExecutionContext, caller_template
@@ -57,6 +57,9 @@ REPEATED = b"\x00repeated"
 _TOKEN_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
 _TOKEN_TABLE = bytes(c if c in _TOKEN_CHARS else c ^ 1 for c in range(256))  # see _check_token
 _CALLERS_MAX = 4096
+#: What :meth:`Admission.admit_known` answers for a bearer token its authenticator's cache
+#: does not hold.
+NOT_CACHED: Any = object()
 
 
 def _cache_of(authenticator: Authenticator | None) -> Callable[[bytes], Identity | None] | None:
@@ -150,9 +153,11 @@ class Admission:
 
     def admit_known(self, scope: Scope, authorization: bytes | None) -> CallerTemplate | None:
         """The caller of an HTTP request whose bearer token the authenticator verified before
-        (its ``cached(token)``), found without awaiting anything; None when :meth:`admit` is
-        to decide: no such token, a websocket (its other token sources), a repeated header or
-        a non-ASCII token (refused there), or a session store to ask. Raises what ``cached``
+        (its ``cached(token)``), found without awaiting anything; :data:`NOT_CACHED` when the
+        cache was asked and does not hold the token (``admit(..., cache_asked=True)`` then
+        verifies it without asking again); None when :meth:`admit` is to decide: no bearer
+        token, a websocket (its other token sources), a repeated header or a non-ASCII token
+        (refused there), or a session store to ask. Raises what ``cached``
         refuses (a token over its size limit, an authenticator cache that fails)."""
         if not self._known_first or authorization is None or scope["type"] != "http":
             return None
@@ -160,23 +165,24 @@ class Admission:
         if raw is None or not raw.isascii():
             return None
         identity = self.known(raw)
-        return None if identity is None else self.caller(identity)
+        return NOT_CACHED if identity is None else self.caller(identity)
 
     async def admit(
-        self, scope: Scope, authorization: bytes | None
+        self, scope: Scope, authorization: bytes | None, *, cache_asked: bool = False
     ) -> tuple[CallerTemplate, str | None]:
         """The caller's context template, and the websocket subprotocol to accept with (the
         ``bearer`` marker exactly as the client offered it, when the token came that way).
         Raises the HTTP error that refuses the request. Only for an admission with an
         authenticator: without one every caller is :attr:`anonymous`, and ContextMiddleware
-        does not call this."""
+        does not call this. ``cache_asked``: :meth:`admit_known` found the token not cached
+        (the cache is not asked twice)."""
         raw, subprotocol = self.credentials(scope, authorization)
         identity = None
         if raw is None:
             token = None
         else:
             token = _token_text(raw)
-            if self.cached is not None:
+            if self.cached is not None and not cache_asked:
                 identity = self.known(raw)
         if identity is None:
             if raw is not None:
