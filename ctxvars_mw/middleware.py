@@ -348,6 +348,7 @@ class ContextMiddleware:
             correlation_id = accept_header_id(raw_cid, rules, settings.id_validator)
             if request_id is not None and correlation_id is not None:  # both in use as they came
                 names = settings.id_names
+                # Typed Any: both raw values are bytes here (accept_header_id refuses None).
                 id_headers: Any = [(names[0], raw_rid), (names[1], raw_cid)]
                 return request_id, correlation_id, id_headers, None
         request_id, correlation_id, refusal = self.settle_ids(
