@@ -49,7 +49,7 @@ from .ids import (
 )
 from .proxies import canonical_ip
 from .tier import Tier
-from .w3c import is_trace_id
+from .w3c import is_trace_id, trace_of
 
 __all__ = [
     "MAX_METHOD_LENGTH",
@@ -488,6 +488,42 @@ class _CreationTime:
 _CREATED_AT_SLOT = UserExecutionContext.__dict__["created_at"]
 UserExecutionContext.created_at = _CreationTime(_CREATED_AT_SLOT)  # type: ignore[assignment,misc]
 
+
+class _Trace:
+    """``trace_id`` and ``trace_flags``: a request's context keeps its raw ``traceparent``
+    header (bytes) in the ``trace_id`` slot, and reads it (:func:`~ctxvars_mw.w3c.trace_of`:
+    the trace id and flags of a valid header, else none) when either field is first read,
+    keeping both. A request whose trace nobody reads pays no parse; one that is read pays it
+    once. Equality, hashing, ``repr``, pickling and copies read through here, so nothing
+    outside this module sees the header."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: Any) -> None:
+        self.slot = slot  # this field's own member descriptor
+
+    def __get__(self, ctx: object, owner: type | None = None) -> Any:
+        if ctx is None:
+            return self
+        raw = _TRACE_ID_SLOT.__get__(ctx, owner)
+        if type(raw) is bytes:
+            trace_id, flags = trace_of(raw)
+            _TRACE_ID_SLOT.__set__(ctx, trace_id)
+            _TRACE_FLAGS_SLOT.__set__(ctx, flags)
+        return self.slot.__get__(ctx, owner)
+
+    def __set__(self, ctx: object, value: object) -> None:
+        self.slot.__set__(ctx, value)
+
+    def __delete__(self, ctx: object) -> None:
+        self.slot.__delete__(ctx)
+
+
+_TRACE_ID_SLOT = UserExecutionContext.__dict__["trace_id"]
+_TRACE_FLAGS_SLOT = UserExecutionContext.__dict__["trace_flags"]
+UserExecutionContext.trace_id = _Trace(_TRACE_ID_SLOT)  # type: ignore[assignment,misc]
+UserExecutionContext.trace_flags = _Trace(_TRACE_FLAGS_SLOT)  # type: ignore[assignment,misc]
+
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(UserExecutionContext))
 _SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
 _SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
@@ -506,6 +542,8 @@ class _Filler(UserExecutionContext):
     __setattr__ = object.__setattr__
     __delattr__ = object.__delattr__
     created_at = _CREATED_AT_SLOT  # a plain store of the clock's reading (see _CreationTime)
+    trace_id = _TRACE_ID_SLOT  # plain stores, and a raw traceparent copied as it is (_Trace)
+    trace_flags = _TRACE_FLAGS_SLOT
 
 
 def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionContext], Any]:
@@ -621,9 +659,10 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
     built: Callable[..., UserExecutionContext] = namespace["request_context"]
     built.__doc__ = """The context of a new request by ``caller`` (the template of a validated
     context that holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the
-    request's checked ids and trace (``trace_flags`` being those of ``trace_id``), and its
-    ``metadata``: the values of :data:`REQUEST_METADATA_FIELDS`, sanitised (see
-    ``ctxvars_mw.request_metadata``).
+    request's checked ids and trace (``trace_flags`` being those of ``trace_id``; or, for
+    ``trace_id``, the request's raw ``traceparent`` header, bytes, read on first use with
+    ``trace_flags`` 0: see ``_Trace``), and its ``metadata``: the values of
+    :data:`REQUEST_METADATA_FIELDS`, sanitised (see ``ctxvars_mw.request_metadata``).
 
     New thread and run ids are drawn, unless the request is already handled by an ``outer``
     middleware whose context they are taken from."""

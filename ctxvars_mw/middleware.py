@@ -3,8 +3,10 @@
 A request goes through five steps, each owned by one module:
 
 1. **Exchange** — the request headers are read once (:func:`read_headers`); the incoming ids
-   are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`), the trace id and flags
-   are read (:func:`ctxvars_mw.w3c.trace_of`); a :class:`Responder` owns the request's ``send``.
+   are accepted or replaced (:func:`ctxvars_mw.ids.accept_header_id`); the ``traceparent``
+   goes to the context as it came, which reads its trace id and flags
+   (:func:`ctxvars_mw.w3c.trace_of`) when they are first asked for; a :class:`Responder` owns
+   the request's ``send``.
    The request's client, user agent, method and path are read for the context
    (:class:`ctxvars_mw.request_metadata.MetadataReader`).
 2. **Admission** — who the caller is and whether they may enter
@@ -56,7 +58,7 @@ from .request_metadata import (
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
-from .w3c import incoming_metadata, trace_of
+from .w3c import incoming_metadata
 
 __all__ = ["ContextMiddleware", "Responder", "Settings", "read_headers"]
 
@@ -258,10 +260,14 @@ class ContextMiddleware:
         outer = request_context_for(incoming)  # a ContextMiddleware around this one
         if outer is None:
             request_id, correlation_id, id_headers, refusal = self.request_ids(scope, found)
-            trace_id, flags = trace_of(found.get(b"traceparent"))
+            # The context reads its raw traceparent when its trace is first asked for.
+            trace: bytes | str | None = found.get(b"traceparent")
+            if type(trace) is not bytes:  # only an ASGI header value, bytes, is parsed
+                trace = None
+            flags = 0
         else:  # the request's ids and trace are those the outer middleware set
             request_id, correlation_id = outer.request_id, outer.correlation_id
-            trace_id, flags = outer.trace_id, outer.trace_flags
+            trace, flags = outer.trace_id, outer.trace_flags
             id_headers, refusal = self.id_headers(request_id, correlation_id), None
         headers = scope["headers"]  # with the ids in use (update_request_headers)
         responder = Responder(send, self.settings.id_names, id_headers)
@@ -282,7 +288,7 @@ class ContextMiddleware:
         reader = self.settings.metadata
         metadata = NO_METADATA if reader is None else reader.read(scope, found)
         ctx = request_context(
-            caller, request_id, correlation_id, trace_id, ws_id, outer, flags, metadata
+            caller, request_id, correlation_id, trace, ws_id, outer, flags, metadata
         )
         limiter = self.limiter
         if limiter is not None and refusal is None and outer is None:

@@ -1224,3 +1224,87 @@ def test_created_at_survives_copies_pickling_and_equality_unread() -> None:
     assert hash(unread) == hash(again)
     assert unread == again
     assert ctx.to_dict()["created_at"] == ctx.created_at.isoformat()
+
+
+_TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+_TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def _traced(traceparent: bytes) -> UserExecutionContext:
+    """A request's context holding its raw traceparent header, as the middleware builds it."""
+    caller = caller_template(make())
+    return request_context(
+        caller, "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb", traceparent, None
+    )
+
+
+@pytest.mark.parametrize("read", ["trace_id", "trace_flags"])
+def test_a_raw_traceparent_reads_as_its_trace_id_and_flags_whichever_is_read_first(
+    read: str,
+) -> None:
+    """Reading either trace field of a request's context parses its traceparent once: both
+    fields then hold the parsed values, and the raw header is never what a reader sees."""
+    ctx = _traced(_TRACEPARENT)
+    getattr(ctx, read)
+    assert (ctx.trace_id, ctx.trace_flags) == (_TRACE, 1)
+    assert type(ctx.trace_id) is str
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"00-00000000000000000000000000000000-b7ad6b7169203331-01",  # zero trace id
+        b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  # uppercase
+        b"\x00repeated",  # what a repeated header reads as
+        b"garbage\r\ninjected: 1",
+        b"",
+    ],
+)
+def test_an_invalid_raw_traceparent_reads_as_no_trace(raw: bytes) -> None:
+    """A traceparent that is not valid gives no trace: None and flags 0, never its bytes."""
+    ctx = _traced(raw)
+    assert (ctx.trace_flags, ctx.trace_id) == (0, None)
+
+
+def _parsed_twin(ctx: UserExecutionContext) -> UserExecutionContext:
+    """A context equal to ``ctx`` built with its trace parsed, from ``ctx``'s other fields
+    (reading those leaves ``ctx``'s traceparent unread)."""
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+    del fields["trace_id"], fields["trace_flags"]
+    return UserExecutionContext(**fields, trace_id=_TRACE, trace_flags=1)
+
+
+def test_a_context_with_a_raw_traceparent_equals_one_built_with_its_trace() -> None:
+    """Equality, hashing, repr, to_dict, pickling, copies, replace and child of a context whose
+    trace was never read all see the parsed trace."""
+    ctx = _traced(_TRACEPARENT)
+    assert ctx == _parsed_twin(ctx)
+    ctx = _traced(_TRACEPARENT)
+    twin = _parsed_twin(ctx)
+    assert hash(ctx) == hash(twin)
+    ctx = _traced(_TRACEPARENT)
+    twin = _parsed_twin(ctx)
+    assert repr(ctx) == repr(twin)
+    assert f"trace_id='{_TRACE}', trace_flags=1" in repr(twin)
+    ctx = _traced(_TRACEPARENT)
+    twin = _parsed_twin(ctx)
+    assert ctx.to_dict() == twin.to_dict()
+    ctx = _traced(_TRACEPARENT)
+    twin = _parsed_twin(ctx)
+    assert pickle.loads(pickle.dumps(ctx)) == twin
+    ctx = _traced(_TRACEPARENT)
+    twin = _parsed_twin(ctx)
+    assert copy.copy(ctx) == twin
+    assert _traced(_TRACEPARENT).child("op").trace_flags == 1
+    assert _traced(_TRACEPARENT).replace(path="/x").trace_id == _TRACE
+
+
+def test_trace_fields_stay_frozen() -> None:
+    """The trace fields of a request's context cannot be assigned, parsed or not."""
+    ctx = _traced(_TRACEPARENT)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.trace_id = _TRACE  # type: ignore[misc]
+    ctx.trace_flags  # noqa: B018 - parse
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.trace_flags = 3  # type: ignore[misc]
+    assert ctx.trace_flags == 1

@@ -781,6 +781,16 @@ async def test_repeated_traceparent_is_ignored() -> None:
     assert (await request(ContextMiddleware(echo_app), headers=headers)).json()["trace_id"] is None
 
 
+@pytest.mark.parametrize("value", [TRACEPARENT, bytearray(TRACEPARENT.encode())])
+async def test_a_traceparent_that_is_not_bytes_is_ignored(value: object) -> None:
+    """A server that hands a header value over as anything but bytes (not ASGI) gets no trace
+    from it: the value is never taken for a parsed trace id."""
+    headers: Any = [(b"traceparent", value)]
+    result = await request(ContextMiddleware(echo_app), headers=headers)
+    assert result.status == 200
+    assert (result.json()["trace_id"], result.json()["trace_flags"]) == (None, 0)
+
+
 # -- errors inside the app -----------------------------------------------------------------
 
 
