@@ -508,8 +508,9 @@ class _Trace:
         raw = _TRACE_ID_SLOT.__get__(ctx, owner)
         if type(raw) is bytes:
             trace_id, flags = trace_of(raw)
-            _TRACE_ID_SLOT.__set__(ctx, trace_id)
+            # The flags first: a thread that finds the trace id parsed finds its flags too.
             _TRACE_FLAGS_SLOT.__set__(ctx, flags)
+            _TRACE_ID_SLOT.__set__(ctx, trace_id)
         return self.slot.__get__(ctx, owner)
 
     def __set__(self, ctx: object, value: object) -> None:

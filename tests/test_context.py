@@ -1308,3 +1308,28 @@ def test_trace_fields_stay_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         ctx.trace_flags = 3  # type: ignore[misc]
     assert ctx.trace_flags == 1
+
+
+def test_a_reader_while_a_parse_is_stored_sees_the_trace_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread that reads the trace while the first read is storing what it parsed
+    (here: when the flags are stored) sees the parsed id with its flags, never the id with
+    flags not yet set."""
+    import ctxvars_mw.context as context_module
+
+    flags_slot = context_module._TRACE_FLAGS_SLOT
+    seen: list[tuple[int, str | None]] = []
+
+    class ReadInBetween:
+        def __set__(self, ctx: UserExecutionContext, value: int) -> None:
+            if not seen:  # the other thread runs here, once
+                seen.append((-1, None))
+                seen[0] = (ctx.trace_flags, ctx.trace_id)
+            flags_slot.__set__(ctx, value)
+
+    monkeypatch.setattr(context_module, "_TRACE_FLAGS_SLOT", ReadInBetween())
+    ctx = _traced(_TRACEPARENT)
+    assert ctx.trace_id == _TRACE
+    assert seen == [(1, _TRACE)]
+    assert ctx.trace_flags == 1
