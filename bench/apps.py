@@ -139,6 +139,14 @@ def variants(uncached: str) -> list[Variant]:
             lambda: ContextMiddleware(reading_app(), request_metadata=()),
         ),
         Variant(
+            "ctxvars_read_no_ids",
+            "ctxvars_mw anonymous, endpoint reads, the client sends no ids (generated)",
+            # The id headers are read under names the requests do not carry.
+            lambda: ContextMiddleware(
+                reading_app(), request_id_header="X-Edge-ID", correlation_id_header="X-Edge-Flow"
+            ),
+        ),
+        Variant(
             "ctxvars_read_proxied",
             "ctxvars_mw anonymous, endpoint reads, behind a trusted proxy (X-Forwarded-For)",
             lambda: ContextMiddleware(reading_app(), trusted_proxies=["127.0.0.1", "10.0.0.0/8"]),

@@ -30,6 +30,7 @@ VARIANTS = (
     "ctxvars",
     "ctxvars_read",
     "ctxvars_read_no_metadata",
+    "ctxvars_read_no_ids",
     "ctxvars_read_proxied",
     "correlation",
     "starlette_context",

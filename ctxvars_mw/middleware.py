@@ -357,10 +357,7 @@ class ContextMiddleware:
                 # Typed Any: both raw values are bytes here (accept_header_id refuses None).
                 id_headers: Any = [(names[0], raw_rid), (names[1], raw_cid)]
                 return request_id, correlation_id, id_headers, None
-        request_id, correlation_id, refusal = self.settle_ids(
-            scope, raw_rid, request_id, raw_cid, correlation_id
-        )
-        return request_id, correlation_id, self.id_headers(request_id, correlation_id), refusal
+        return self.settle_ids(scope, raw_rid, request_id, raw_cid, correlation_id)
 
     def id_headers(self, request_id: str, correlation_id: str) -> list[tuple[bytes, bytes]]:
         """The response headers that carry these ids."""
@@ -374,18 +371,31 @@ class ContextMiddleware:
         request_id: str | None,
         raw_cid: bytes | None,
         correlation_id: str | None,
-    ) -> tuple[str, str, HTTPError | None]:
+    ) -> tuple[str, str, list[tuple[bytes, bytes]], HTTPError | None]:
         """The ids of a request that did not bring both ids acceptable: absent ones
         generated (the correlation id defaults to the request id), refused ones replaced with
-        a WARNING naming the header, or refused with a 400 (``reject_invalid_ids``)."""
+        a WARNING naming the header, or refused with a 400 (``reject_invalid_ids``); the
+        response headers that carry them, and the refusal (else None).
+
+        With ``update_request_headers`` the request's own id headers show the ids in use: the
+        absent ones are added; a refused one (or, with ``trust_incoming_ids=False``, any
+        incoming one) is taken out first."""
         settings = self.settings
         rid_refused = raw_rid is not None and request_id is None
         cid_refused = raw_cid is not None and correlation_id is None
-        generated = request_id is None
+        # Each id's header: the bytes that came in when it was accepted, else the id encoded
+        # (once: a correlation id that defaults to the request id shares its bytes).
         if request_id is None:
             request_id = settings.id_generator()
+            rid_header = (settings.request_id_header, request_id.encode("ascii"))
+        else:
+            rid_header = (settings.request_id_header, raw_rid)  # type: ignore[assignment]
         if correlation_id is None:
             correlation_id = request_id
+            cid_header = (settings.correlation_id_header, rid_header[1])
+        else:
+            cid_header = (settings.correlation_id_header, raw_cid)  # type: ignore[assignment]
+        id_headers = [rid_header, cid_header]
         refusal = None
         if rid_refused or cid_refused:  # name the header, as configured
             names = [
@@ -403,23 +413,22 @@ class ContextMiddleware:
             else:
                 for name in names:
                     _replaced(name, request_id)
-        refused = rid_refused or cid_refused
-        if settings.update_request_headers and (generated or raw_cid is None or refused):
-            scope["headers"] = _with_request_ids(
-                scope["headers"], settings, request_id, correlation_id
-            )
-        return request_id, correlation_id, refusal
+        if settings.update_request_headers:
+            headers = scope["headers"]
+            if rid_refused or cid_refused or not settings.trust_incoming_ids:
+                scope["headers"] = _without_id_headers(headers, settings.id_names) + id_headers
+            elif raw_rid is None and raw_cid is None:
+                scope["headers"] = [*headers, rid_header, cid_header]
+            else:  # one of them came in, and is kept where it was
+                scope["headers"] = [*headers, rid_header if raw_rid is None else cid_header]
+        return request_id, correlation_id, id_headers, refusal
 
 
-def _with_request_ids(
-    headers: Iterable[tuple[bytes, bytes]], settings: Settings, request_id: str, correlation_id: str
+def _without_id_headers(
+    headers: Iterable[tuple[bytes, bytes]], names: tuple[bytes, bytes]
 ) -> list[tuple[bytes, bytes]]:
-    """A new request header list: ``headers`` with the id headers set to the ids in use."""
-    names = settings.id_names
-    out = [(name, value) for name, value in headers if name not in names]
-    out.append((settings.request_id_header, request_id.encode("ascii")))
-    out.append((settings.correlation_id_header, correlation_id.encode("ascii")))
-    return out
+    """A new request header list: ``headers`` without the id headers."""
+    return [(name, value) for name, value in headers if name not in names]
 
 
 def _replaced(header: str, new_id: str) -> None:

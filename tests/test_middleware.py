@@ -1341,6 +1341,62 @@ async def test_the_request_headers_show_the_ids_in_use(headers: list[tuple[bytes
     assert scope["headers"] is before
 
 
+async def _header_list(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers with the request's whole header list as the app sees it, and its ids."""
+    ctx = get_context()
+    seen = {
+        "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
+        "ids": [ctx.request_id, ctx.correlation_id],
+    }
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": json.dumps(seen).encode()})
+
+
+@pytest.mark.parametrize(
+    ("headers", "options"),
+    [
+        ([], {}),
+        ([hdr("X-Request-ID", VALID_RID)], {}),
+        ([hdr("X-Correlation-ID", VALID_CID)], {}),
+        ([hdr("X-Request-ID", VALID_RID), hdr("X-Correlation-ID", "<bad>")], {}),
+        ([hdr("X-Request-ID", "<bad>"), hdr("X-Correlation-ID", VALID_CID)], {}),
+        ([hdr("X-Request-ID", VALID_RID), hdr("X-Request-ID", VALID_CID)], {}),
+        (
+            [hdr("X-Request-ID", VALID_RID), hdr("X-Correlation-ID", VALID_CID)],
+            {"trust_incoming_ids": False},
+        ),
+    ],
+    ids=[
+        "none",
+        "request-id-only",
+        "correlation-id-only",
+        "correlation-id-refused",
+        "request-id-refused",
+        "request-id-repeated",
+        "untrusted",
+    ],
+)
+async def test_the_request_carries_each_id_header_once_with_the_id_in_use(
+    headers: list[tuple[bytes, bytes]], options: dict[str, Any]
+) -> None:
+    """Whatever came in, the app's request has each id header exactly once, holding the id in
+    use, and every other header as it came, in its order."""
+    others = [hdr("Host", "api.example.org"), hdr("Accept", "*/*")]
+    result = await request(
+        ContextMiddleware(_header_list, **options), headers=[others[0], *headers, others[1]]
+    )
+    body = result.json()
+    seen = [tuple(pair) for pair in body["headers"]]
+    names = ("x-request-id", "x-correlation-id")
+    ids = [(name, value) for name, value in seen if name in names]
+    assert sorted(ids) == sorted(zip(names, body["ids"], strict=True))
+    assert [pair for pair in seen if pair not in ids] == [
+        (k.decode(), v.decode()) for k, v in others
+    ]
+    if options.get("trust_incoming_ids") is False:
+        assert VALID_RID not in body["ids"]
+
+
 def test_a_websocket_endpoint_reads_the_ids_in_use_from_its_headers() -> None:
     """On a websocket, ``websocket.headers`` shows the generated id, as ctx.request_id."""
 
