@@ -70,6 +70,9 @@ _PAIR = re.compile(rf'[ \t]*({_TCHAR}+)=("[^"\\]*"|(?:{_TCHAR}|[:\[\]])+)[ \t]*'
 # request, and formatting an address costs more than the lookup.
 _canonical: dict[str, str | None] = {}
 _CANONICAL_MAX = 4096
+# The longest forwarded header line whose client is remembered (a few hops; longer ones are
+# walked every time, so the memo stays small).
+_REMEMBERED_BYTES = 256
 
 
 def parse_address(text: str) -> Address | None:
@@ -181,7 +184,7 @@ class TrustedProxies:
     :func:`canonical_ip`).
     """
 
-    __slots__ = ("_entry", "_trusted", "addresses", "always", "header", "networks")
+    __slots__ = ("_clients", "_entry", "_trusted", "addresses", "always", "header", "networks")
 
     def __init__(self, proxies: Iterable[Any], header: str = "X-Forwarded-For") -> None:
         if isinstance(proxies, (str, bytes)) or not isinstance(proxies, Iterable):
@@ -208,6 +211,9 @@ class TrustedProxies:
         self.addresses = frozenset(addresses)
         self.networks = tuple(networks)
         self._trusted: dict[str, bool] = {}
+        # The client of each (peer, header line) seen before: a client's requests come
+        # through the same proxies with the same header, and the walk costs more than this.
+        self._clients: dict[tuple[str | None, bytes], str | None] = {}
 
     def __bool__(self) -> bool:
         """True when any proxy is trusted (else forwarded headers are never read)."""
@@ -231,7 +237,18 @@ class TrustedProxies:
 
     def client(self, peer: str | None, values: list[bytes]) -> str | None:
         """The client of a request from the trusted ``peer`` whose forwarded header came as
-        ``values`` (one per header line): see the module docstring."""
+        ``values`` (one per header line): see the module docstring. Remembered (bounded)
+        for a header sent once."""
+        if len(values) == 1 and len(values[0]) <= _REMEMBERED_BYTES:
+            key = (peer, values[0])
+            try:
+                return self._clients[key]
+            except KeyError:
+                return remember(self._clients, key, self.walk(peer, values), _CANONICAL_MAX)
+        return self.walk(peer, values)
+
+    def walk(self, peer: str | None, values: list[bytes]) -> str | None:
+        """:meth:`client`, worked out: the forwarded entries read from the right."""
         entries = _tail(values)
         entry = self._entry
         client = peer

@@ -266,6 +266,21 @@ def test_with_star_the_client_is_the_leftmost_entry() -> None:
     assert proxies("*").client(None, [b"garbage"]) is None
 
 
+def test_a_header_seen_before_names_the_same_client_for_each_peer() -> None:
+    """The client of a forwarded header line seen before is remembered per peer: asked again,
+    each peer gets what walking the header gives it (here "unknown" names no one, so each
+    trusted peer is its own client)."""
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    for _ in range(3):
+        assert proxies.client("10.0.0.1", [b"unknown"]) == "10.0.0.1"
+        assert proxies.client("10.0.0.2", [b"unknown"]) == "10.0.0.2"
+        assert proxies.client("10.0.0.1", [b"203.0.113.7, 10.0.0.9"]) == "203.0.113.7"
+    long_line = b"10.0.0.3, " * 40 + b"203.0.113.8, 10.0.0.9"
+    for _ in range(2):
+        assert proxies.client("10.0.0.1", [long_line]) == "203.0.113.8"
+        assert proxies.walk("10.0.0.1", [long_line]) == "203.0.113.8"
+
+
 @pytest.mark.parametrize(
     ("value", "client"),
     [
