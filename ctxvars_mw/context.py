@@ -457,17 +457,31 @@ UserExecutionContext.__setattr__ = _frozen_setattr  # type: ignore[method-assign
 UserExecutionContext.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
 
 
-class _CreationTime:
-    """``created_at``: a new context's slot holds ``time.time_ns()`` (a seventh of the cost of
-    ``datetime.now(UTC)``, on every request and child), turned into the timezone-aware UTC
-    datetime on first read (truncated to the microsecond, as ``datetime.now`` does) and
-    kept. Equality, hashing, ``repr``, pickling and copies read it through here, so nothing
-    outside this module sees the number."""
+class _ReadOnFirstUse:
+    """A field whose slot holds what it is made from until it is first read (see the
+    subclasses); stores and deletes go to the slot itself. Equality, hashing, ``repr``,
+    pickling and copies read the field through here, so nothing outside this module sees
+    the raw value."""
 
     __slots__ = ("slot",)
 
     def __init__(self, slot: Any) -> None:
-        self.slot = slot  # the slot's own member descriptor
+        self.slot = slot  # the field's own member descriptor
+
+    def __set__(self, ctx: object, value: object) -> None:
+        self.slot.__set__(ctx, value)
+
+    def __delete__(self, ctx: object) -> None:
+        self.slot.__delete__(ctx)
+
+
+class _CreationTime(_ReadOnFirstUse):
+    """``created_at``: a new context's slot holds ``time.time_ns()`` (a seventh of the cost of
+    ``datetime.now(UTC)``, on every request and child), turned into the timezone-aware UTC
+    datetime on first read (truncated to the microsecond, as ``datetime.now`` does) and
+    kept."""
+
+    __slots__ = ()
 
     def __get__(self, ctx: object, owner: type | None = None) -> Any:
         if ctx is None:
@@ -478,29 +492,19 @@ class _CreationTime:
             self.slot.__set__(ctx, value)
         return value
 
-    def __set__(self, ctx: object, value: object) -> None:
-        self.slot.__set__(ctx, value)
-
-    def __delete__(self, ctx: object) -> None:
-        self.slot.__delete__(ctx)
-
 
 _CREATED_AT_SLOT = UserExecutionContext.__dict__["created_at"]
 UserExecutionContext.created_at = _CreationTime(_CREATED_AT_SLOT)  # type: ignore[assignment,misc]
 
 
-class _Trace:
+class _Trace(_ReadOnFirstUse):
     """``trace_id`` and ``trace_flags``: a request's context keeps its raw ``traceparent``
     header (bytes) in the ``trace_id`` slot, and reads it (:func:`~ctxvars_mw.w3c.trace_of`:
     the trace id and flags of a valid header, else none) when either field is first read,
     keeping both. A request whose trace nobody reads pays no parse; one that is read pays it
-    once. Equality, hashing, ``repr``, pickling and copies read through here, so nothing
-    outside this module sees the header."""
+    once."""
 
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: Any) -> None:
-        self.slot = slot  # this field's own member descriptor
+    __slots__ = ()
 
     def __get__(self, ctx: object, owner: type | None = None) -> Any:
         if ctx is None:
@@ -512,12 +516,6 @@ class _Trace:
             _TRACE_FLAGS_SLOT.__set__(ctx, flags)
             _TRACE_ID_SLOT.__set__(ctx, trace_id)
         return self.slot.__get__(ctx, owner)
-
-    def __set__(self, ctx: object, value: object) -> None:
-        self.slot.__set__(ctx, value)
-
-    def __delete__(self, ctx: object) -> None:
-        self.slot.__delete__(ctx)
 
 
 _TRACE_ID_SLOT = UserExecutionContext.__dict__["trace_id"]
