@@ -397,7 +397,8 @@ class ContextMiddleware:
             cid_header = (settings.correlation_id_header, raw_cid)  # type: ignore[assignment]
         id_headers = [rid_header, cid_header]
         refusal = None
-        if rid_refused or cid_refused:  # name the header, as configured
+        refused = rid_refused or cid_refused
+        if refused:  # name the header, as configured
             names = [
                 settings.spelled[name]
                 for name, was_refused in (
@@ -415,7 +416,7 @@ class ContextMiddleware:
                     _replaced(name, request_id)
         if settings.update_request_headers:
             headers = scope["headers"]
-            if rid_refused or cid_refused or not settings.trust_incoming_ids:
+            if refused or not settings.trust_incoming_ids:
                 scope["headers"] = _without_id_headers(headers, settings.id_names) + id_headers
             elif raw_rid is None and raw_cid is None:
                 scope["headers"] = [*headers, rid_header, cid_header]

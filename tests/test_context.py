@@ -1269,8 +1269,11 @@ def test_an_invalid_raw_traceparent_reads_as_no_trace(raw: bytes) -> None:
 def _parsed_twin(ctx: UserExecutionContext) -> UserExecutionContext:
     """A context equal to ``ctx`` built with its trace parsed, from ``ctx``'s other fields
     (reading those leaves ``ctx``'s traceparent unread)."""
-    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
-    del fields["trace_id"], fields["trace_flags"]
+    fields = {
+        f.name: getattr(ctx, f.name)
+        for f in dataclasses.fields(ctx)
+        if f.name not in ("trace_id", "trace_flags")
+    }
     return UserExecutionContext(**fields, trace_id=_TRACE, trace_flags=1)
 
 
