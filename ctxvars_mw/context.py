@@ -523,6 +523,43 @@ _TRACE_FLAGS_SLOT = UserExecutionContext.__dict__["trace_flags"]
 UserExecutionContext.trace_id = _Trace(_TRACE_ID_SLOT)  # type: ignore[assignment,misc]
 UserExecutionContext.trace_flags = _Trace(_TRACE_FLAGS_SLOT)  # type: ignore[assignment,misc]
 
+
+class _RequestMetadata(_ReadOnFirstUse):
+    """``client_ip``, ``user_agent``, ``method`` and ``path``: a request's context keeps what
+    its middleware took of the request (``MetadataReader.capture``: the reader first, then
+    the request's raw values) in the ``client_ip`` slot, and has that reader clean them
+    (``MetadataReader.clean``) when one of the four is first read, keeping all four. A
+    request whose metadata nobody reads pays no cleaning; one that is read pays it once."""
+
+    __slots__ = ()
+
+    def __get__(self, ctx: object, owner: type | None = None) -> Any:
+        if ctx is None:
+            return self
+        captured = _CLIENT_IP_SLOT.__get__(ctx, owner)
+        if type(captured) is tuple:  # a client_ip is a str or None
+            client_ip, user_agent, method, path = captured[0].clean(captured)
+            # client_ip last: a thread that finds it cleaned finds the other three stored.
+            _USER_AGENT_SLOT.__set__(ctx, user_agent)
+            _METHOD_SLOT.__set__(ctx, method)
+            _PATH_SLOT.__set__(ctx, path)
+            _CLIENT_IP_SLOT.__set__(ctx, client_ip)
+        return self.slot.__get__(ctx, owner)
+
+
+_CLIENT_IP_SLOT, _USER_AGENT_SLOT, _METHOD_SLOT, _PATH_SLOT = (
+    UserExecutionContext.__dict__[name] for name in REQUEST_METADATA_FIELDS
+)
+for _slot in (_CLIENT_IP_SLOT, _USER_AGENT_SLOT, _METHOD_SLOT, _PATH_SLOT):
+    setattr(UserExecutionContext, _slot.__name__, _RequestMetadata(_slot))
+
+#: The member descriptor of each field read on first use, by name: what ``_Filler`` stores
+#: into and the copies copy, as it is (a copy reads it on first use too).
+_RAW_SLOTS = {
+    name: value.slot
+    for name, value in vars(UserExecutionContext).items()
+    if isinstance(value, _ReadOnFirstUse)
+}
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(UserExecutionContext))
 _SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
 _SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
@@ -534,15 +571,17 @@ class _Filler(UserExecutionContext):
     It adds no slots, so its instances have the context's layout and sealing one is a cheap
     ``__class__`` switch. Made with ``object.__new__`` (the keyword constructor is not run);
     only ever seen inside this module, between its copy (or the keyword constructor's
-    checks) and its seal.
+    checks) and its seal. The fields read on first use are its plain slots (``_RAW_SLOTS``):
+    it is stored into, never read as a context.
     """
 
     __slots__ = ()
     __setattr__ = object.__setattr__
     __delattr__ = object.__delattr__
-    created_at = _CREATED_AT_SLOT  # a plain store of the clock's reading (see _CreationTime)
-    trace_id = _TRACE_ID_SLOT  # plain stores, and a raw traceparent copied as it is (_Trace)
-    trace_flags = _TRACE_FLAGS_SLOT
+
+
+for _name, _slot in _RAW_SLOTS.items():
+    setattr(_Filler, _name, _slot)
 
 
 def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionContext], Any]:
@@ -554,9 +593,12 @@ def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionCon
     attribute copy per field, with no loop and no ``getattr``/``setattr`` calls.
     """
     lines = [f"def {name}(src):", "    new = _new(_Filler)"]
-    lines += [f"    new.{slot} = src.{slot}" for slot in _SLOTS if slot not in skip]
+    # A field read on first use is copied as it is, through its slot (_RAW_SLOTS).
+    reads = {slot: f"_raw_{slot}(src)" if slot in _RAW_SLOTS else f"src.{slot}" for slot in _SLOTS}
+    lines += [f"    new.{slot} = {reads[slot]}" for slot in _SLOTS if slot not in skip]
     lines.append("    return new")
     namespace: dict[str, Any] = {"_new": _new, "_Filler": _Filler}
+    namespace.update((f"_raw_{slot}", member.__get__) for slot, member in _RAW_SLOTS.items())
     exec("\n".join(lines), namespace)  # noqa: S102 - source built above from the field names
     copy: Callable[[UserExecutionContext], Any] = namespace[name]
     return copy
@@ -616,7 +658,7 @@ def request_context(
     websocket_client_id,
     outer=None,
     trace_flags=0,
-    metadata=_NO_METADATA,
+    metadata=None,
 ):
     new = _new(_Filler)
 {copies}
@@ -634,7 +676,8 @@ def request_context(
     new.trace_id = trace_id
     new.trace_flags = trace_flags
     new.websocket_client_id = websocket_client_id
-    {metadata} = metadata
+    new.client_ip = metadata  # what is read on first use (_RequestMetadata), or None
+    {metadata} = None
     new.created_at = _time()
     new.__class__ = UserExecutionContext
     if _track is not None:
@@ -642,9 +685,8 @@ def request_context(
     return new
 """
 _REQUEST_SOURCE = _REQUEST_SOURCE.replace(
-    "{metadata}", ", ".join(f"new.{name}" for name in REQUEST_METADATA_FIELDS)
+    "{metadata}", " = ".join(f"new.{name}" for name in REQUEST_METADATA_FIELDS[1:])
 )
-_NO_METADATA = (None,) * len(REQUEST_METADATA_FIELDS)
 # Every ``new.<field>`` assigned, alone or in a tuple (``new.thread_id, new.run_id = ...``).
 _REQUEST_FIELDS = frozenset(re.findall(r"new\.(\w+)(?=(?:, new\.\w+)* =)", _REQUEST_SOURCE))
 
@@ -660,8 +702,10 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
     context that holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the
     request's checked ids and trace (``trace_flags`` being those of ``trace_id``; or, for
     ``trace_id``, the request's raw ``traceparent`` header, bytes, read on first use with
-    ``trace_flags`` 0: see ``_Trace``), and its ``metadata``: the values of
-    :data:`REQUEST_METADATA_FIELDS`, sanitised (see ``ctxvars_mw.request_metadata``).
+    ``trace_flags`` 0: see ``_Trace``), and its ``metadata``: what
+    ``MetadataReader.capture`` took of the request, cleaned into the fields of
+    :data:`REQUEST_METADATA_FIELDS` on first use (see ``_RequestMetadata``), or None for
+    none of them.
 
     New thread and run ids are drawn, unless the request is already handled by an ``outer``
     middleware whose context they are taken from."""
@@ -669,7 +713,7 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
 
 
 #: ``request_context(caller, request_id, correlation_id, trace_id, websocket_client_id,
-#: outer=None, trace_flags=0, metadata=(None,) * 4)``: see :func:`_compile_request_context`.
+#: outer=None, trace_flags=0, metadata=None)``: see :func:`_compile_request_context`.
 request_context = _compile_request_context()
 
 

@@ -7,8 +7,9 @@ A request goes through five steps, each owned by one module:
    goes to the context as it came, which reads its trace id and flags
    (:func:`ctxvars_mw.w3c.trace_of`) when they are first asked for; a :class:`Responder` owns
    the request's ``send``.
-   The request's client, user agent, method and path are read for the context
-   (:class:`ctxvars_mw.request_metadata.MetadataReader`).
+   What the context's client, user agent, method and path are made of is taken
+   (:class:`ctxvars_mw.request_metadata.MetadataReader`); the context cleans it when one of
+   them is first read.
 2. **Admission** — who the caller is and whether they may enter
    (:class:`ctxvars_mw.auth.admission.Admission`), then, when the policy declares limits,
    whether their tier's request rate allows this request
@@ -49,12 +50,7 @@ from .proxies import TrustedProxies
 from .ratelimit.guards import reset_limiter, set_limiter
 from .ratelimit.limiter import Limiter
 from .ratelimit.store import LimitStore
-from .request_metadata import (
-    NO_METADATA,
-    REQUEST_METADATA_FIELDS,
-    MetadataReader,
-    check_metadata_names,
-)
+from .request_metadata import REQUEST_METADATA_FIELDS, MetadataReader, check_metadata_names
 from .resources import Cleanup, close_scope, run_cleanups
 from .responses import send_error
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -286,7 +282,7 @@ class ContextMiddleware:
             except HTTPError as exc:  # answered below, in the anonymous context of the request
                 refusal = exc
         reader = self.settings.metadata
-        metadata = NO_METADATA if reader is None else reader.read(scope, found)
+        metadata = None if reader is None else reader.capture(scope, found)
         ctx = request_context(
             caller, request_id, correlation_id, trace, ws_id, outer, flags, metadata
         )

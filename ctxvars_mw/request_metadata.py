@@ -1,8 +1,8 @@
 """What a request's context records about the request: client address, user agent, method, path.
 
 ``ContextMiddleware(request_metadata=...)`` names the fields recorded (all four by default,
-``()`` for none); each is bounded and sanitised before it reaches the context, so it is safe
-in a log line:
+``()`` for none); each is bounded and sanitised before anyone reads it from the context, so
+it is safe in a log line:
 
 * ``client_ip`` — the client's address, canonical (``2001:db8::1``), or None: the peer's, or
   the one trusted proxies forwarded (:mod:`ctxvars_mw.proxies`).
@@ -12,8 +12,10 @@ in a log line:
 * ``path`` — ``scope["path"]``, never the query string, at most :data:`MAX_PATH_LENGTH`.
 
 In all three texts every control or other non-printable character (a newline, an escape, a
-bidirectional override) is replaced by U+FFFD. A field that is not recorded costs nothing per
-request: its header is not even looked for.
+bidirectional override) is replaced by U+FFFD. Per request, the middleware only takes what
+the fields are made of (:meth:`MetadataReader.capture`); the context has them cleaned
+(:meth:`MetadataReader.clean`) the first time one of them is read. A field that is not
+recorded is never read from the request.
 """
 
 from __future__ import annotations
@@ -37,17 +39,16 @@ __all__ = [
     "MAX_METHOD_LENGTH",
     "MAX_PATH_LENGTH",
     "MAX_USER_AGENT_LENGTH",
-    "NO_METADATA",
     "REQUEST_METADATA_FIELDS",
+    "Captured",
     "MetadataReader",
     "check_metadata_names",
     "clean_text",
 ]
 
-#: ``(client_ip, user_agent, method, path)`` of a request that records none of them.
-NO_METADATA: tuple[None, None, None, None] = (None, None, None, None)
-
 Metadata = tuple[str | None, str | None, str | None, str | None]
+#: What :meth:`MetadataReader.capture` takes of a request (see there).
+Captured = tuple[Any, ...]
 _REPLACEMENT = "\ufffd"
 # The registered methods: recorded as they come, without a check.
 _METHODS = frozenset(
@@ -122,50 +123,58 @@ class MetadataReader:
         #: The request headers :meth:`read` needs from ``read_headers``.
         self.wanted = frozenset(wanted)
 
-    def read(self, scope: Scope, found: dict[bytes, bytes]) -> Metadata:
-        """``(client_ip, user_agent, method, path)`` of the request (None for a field not
-        recorded); ``found`` holds the request's :attr:`wanted` headers."""
-        # Each field's common case is written out here (a remembered peer and user agent, a
-        # short printable method and path): this runs for every request.
-        client_ip = user_agent = method = path = None
-        if self.client_ip:
-            peer: Any = scope.get("client")
-            if peer:
-                try:
-                    client_ip = _canonical[peer[0]]
-                except (KeyError, TypeError):
-                    client_ip = canonical_ip(peer[0])
-            if self.proxies is not None:
-                client_ip = self.forwarded_client(scope, found, client_ip)
-        if self.user_agent:
-            raw = found.get(_USER_AGENT)
-            if raw is not None and raw is not REPEATED:  # two of them say nothing
-                try:
-                    user_agent = _user_agents[raw]
-                except KeyError:
-                    user_agent = remember(_user_agents, raw, _user_agent(raw), _USER_AGENTS_MAX)
-        if self.method and scope["type"] == "http":
-            method = scope.get("method")
-            if method not in _METHODS:
-                method = clean_text(method, MAX_METHOD_LENGTH)
-        if self.path:
-            path = scope.get("path")
-            if type(path) is not str or len(path) > MAX_PATH_LENGTH or not path.isprintable():
-                path = clean_text(path, MAX_PATH_LENGTH)
-            elif not path:
-                path = None
-        return client_ip, user_agent, method, path
+    def capture(self, scope: Scope, found: dict[bytes, bytes]) -> Captured:
+        """What :meth:`clean` makes the request's fields of, taken as the request came: this
+        reader, then the peer, the raw ``User-Agent``, the method, the path and the forwarded
+        header's values (None for what is not recorded). ``found`` holds the request's
+        :attr:`wanted` headers.
 
-    def forwarded_client(
-        self, scope: Scope, found: dict[bytes, bytes], peer: str | None
-    ) -> str | None:
-        """The client the forwarded header names when the ``peer`` is a trusted proxy (see
-        :mod:`ctxvars_mw.proxies`); else the peer."""
-        proxies: Any = self.proxies
-        if not proxies.trusts(peer):
-            return peer
-        raw = found.get(proxies.header)
-        if raw is None:
-            return peer
-        values = header_values(scope["headers"], proxies.header) if raw is REPEATED else [raw]
-        return proxies.client(peer, values)  # type: ignore[no-any-return]
+        A request's context keeps this and has it cleaned when one of its fields is first
+        read (see ``ctxvars_mw.context``): a request whose metadata nobody reads pays for
+        this tuple only."""
+        forwarded: Any = None
+        proxies = self.proxies
+        if proxies is not None:
+            forwarded = found.get(proxies.header)
+            if forwarded is REPEATED:  # every line, read from the request's own list
+                forwarded = header_values(scope["headers"], proxies.header)
+        return (
+            self,
+            scope.get("client") if self.client_ip else None,
+            found.get(_USER_AGENT) if self.user_agent else None,
+            scope.get("method") if self.method and scope["type"] == "http" else None,
+            scope.get("path") if self.path else None,
+            forwarded,
+        )
+
+    def clean(self, captured: Captured) -> Metadata:
+        """``(client_ip, user_agent, method, path)``, bounded and sanitised (see the module
+        docstring), from what :meth:`capture` took of a request."""
+        # Each field's common case is written out here (a remembered peer and user agent, a
+        # short printable method and path).
+        _, peer, raw_agent, method, path, forwarded = captured
+        client_ip = user_agent = None
+        if peer:
+            try:
+                client_ip = _canonical[peer[0]]
+            except (KeyError, TypeError):
+                client_ip = canonical_ip(peer[0])
+        if forwarded is not None and self.proxies is not None and self.proxies.trusts(client_ip):
+            values = [forwarded] if type(forwarded) is bytes else forwarded
+            client_ip = self.proxies.client(client_ip, values)
+        if raw_agent is not None and raw_agent is not REPEATED:  # two of them say nothing
+            try:
+                user_agent = _user_agents[raw_agent]
+            except KeyError:
+                user_agent = remember(
+                    _user_agents, raw_agent, _user_agent(raw_agent), _USER_AGENTS_MAX
+                )
+        if method is not None and method not in _METHODS:
+            method = clean_text(method, MAX_METHOD_LENGTH)
+        if path is not None and (
+            type(path) is not str or len(path) > MAX_PATH_LENGTH or not path.isprintable()
+        ):
+            path = clean_text(path, MAX_PATH_LENGTH)
+        elif not path:
+            path = None
+        return client_ip, user_agent, method, path

@@ -28,6 +28,8 @@ from ctxvars_mw import (
 from ctxvars_mw.context import caller_template, request_context
 from ctxvars_mw.frozen import FrozenMap
 from ctxvars_mw.ids import get_id_rules
+from ctxvars_mw.proxies import TrustedProxies
+from ctxvars_mw.request_metadata import REQUEST_METADATA_FIELDS, MetadataReader
 
 USER = "user_2hNqYf3kT9xWzL"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -1178,16 +1180,8 @@ def test_a_requests_context_takes_its_metadata_from_the_request_not_the_caller()
     """request_context() sets the request's own fields, the metadata among them, and copies
     every other field from the caller's template (a caller that held metadata leaks none)."""
     caller = caller_template(full_context())
-    ctx = request_context(
-        caller, "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb", None, None,
-        metadata=("192.0.2.1", "curl/8", "GET", "/x"),
-    )  # fmt: skip
-    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == (
-        "192.0.2.1",
-        "curl/8",
-        "GET",
-        "/x",
-    )
+    ctx = _measured()
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == _CLEANED
     assert ctx.user_id == USER
     assert ctx.roles == full_context().roles
     bare = request_context(
@@ -1336,3 +1330,133 @@ def test_a_reader_while_a_parse_is_stored_sees_the_trace_whole(
     assert ctx.trace_id == _TRACE
     assert seen == [(1, _TRACE)]
     assert ctx.trace_flags == 1
+
+
+# -- request metadata, cleaned on first read ---------------------------------------------
+
+_READER = MetadataReader(REQUEST_METADATA_FIELDS, TrustedProxies(()))
+_REQUEST = {"type": "http", "method": "GET", "path": "/x\x1b[2J", "client": ("2001:DB8::1", 4711)}
+_RAW_AGENT = b"curl/8\r\nX-Injected: 1"
+#: What _measured's request records, cleaned (canonical address, control characters replaced).
+_CLEANED = ("2001:db8::1", "curl/8\ufffd\ufffdX-Injected: 1", "GET", "/x\ufffd[2J")
+
+
+def _measured() -> UserExecutionContext:
+    """A request's context holding what its middleware took of the request, as it builds it."""
+    return request_context(
+        caller_template(full_context()),
+        "req_aaaaaaaaaaaaaaaaaaaa",
+        "corr_bbbbbbbbbbbbbbbbbbbb",
+        None,
+        None,
+        metadata=_READER.capture(_REQUEST, {b"user-agent": _RAW_AGENT}),
+    )
+
+
+def _cleaned_twin(ctx: UserExecutionContext) -> UserExecutionContext:
+    """A context equal to ``ctx`` built with its metadata cleaned, from ``ctx``'s other fields
+    (reading those leaves ``ctx``'s metadata unread)."""
+    fields = {
+        f.name: getattr(ctx, f.name)
+        for f in dataclasses.fields(ctx)
+        if f.name not in REQUEST_METADATA_FIELDS
+    }
+    return UserExecutionContext(
+        **fields, **dict(zip(REQUEST_METADATA_FIELDS, _CLEANED, strict=True))
+    )
+
+
+@pytest.mark.parametrize("read", REQUEST_METADATA_FIELDS)
+def test_request_metadata_reads_cleaned_whichever_field_is_read_first(read: str) -> None:
+    """Reading any metadata field of a request's context cleans all four once; what the
+    middleware took of the request is never what a reader sees."""
+    ctx = _measured()
+    first = getattr(ctx, read)
+    assert first == _CLEANED[REQUEST_METADATA_FIELDS.index(read)]
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == _CLEANED
+    assert getattr(ctx, read) is first
+
+
+def test_a_context_with_unread_metadata_equals_one_built_with_it_cleaned() -> None:
+    """Equality, hashing, repr, to_dict, pickling, copies, replace and child of a context whose
+    metadata was never read all see it cleaned."""
+
+    def unread_and_twin() -> tuple[UserExecutionContext, UserExecutionContext]:
+        ctx = _measured()
+        return ctx, _cleaned_twin(ctx)
+
+    ctx, twin = unread_and_twin()
+    assert ctx == twin
+    ctx, twin = unread_and_twin()
+    assert hash(ctx) == hash(twin)
+    ctx, twin = unread_and_twin()
+    assert repr(ctx) == repr(twin)
+    assert "client_ip='2001:db8::1'" in repr(twin)
+    ctx, twin = unread_and_twin()
+    assert ctx.to_dict() == twin.to_dict()
+    ctx, twin = unread_and_twin()
+    assert pickle.loads(pickle.dumps(ctx)) == twin
+    ctx, twin = unread_and_twin()
+    assert copy.copy(ctx) == twin
+    assert _measured().replace(trace_id=_TRACE).path == _CLEANED[3]
+    child = _measured().child("op")
+    assert (child.client_ip, child.user_agent, child.method, child.path) == _CLEANED
+
+
+def test_a_child_of_unread_metadata_leaves_it_unread_in_both() -> None:
+    """A child copies what its parent's metadata is made of rather than cleaning it: each
+    cleans it on its own first read, to the same values."""
+    import ctxvars_mw.context as context_module
+
+    parent = _measured()
+    child = parent.child("op")
+    raw = context_module._CLIENT_IP_SLOT.__get__
+    assert type(raw(parent)) is tuple
+    assert type(raw(child)) is tuple
+    assert child.user_agent == parent.user_agent == _CLEANED[1]
+    assert raw(child) == raw(parent) == _CLEANED[0]
+
+
+def test_request_metadata_stays_frozen() -> None:
+    """The metadata fields of a request's context cannot be assigned, read or not."""
+    ctx = _measured()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.client_ip = "192.0.2.9"  # type: ignore[misc]
+    assert ctx.client_ip == _CLEANED[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.path = "/elsewhere"  # type: ignore[misc]
+    assert ctx.path == _CLEANED[3]
+
+
+def test_a_reader_while_the_metadata_is_stored_sees_it_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread that reads the metadata while the first read is storing it (here: when
+    the path, the last field before the client address, is stored) sees all four cleaned,
+    never a cleaned field beside one not yet stored."""
+    import ctxvars_mw.context as context_module
+
+    path_slot = context_module._PATH_SLOT
+    seen: list[tuple[str | None, ...]] = []
+
+    class ReadInBetween:
+        def __set__(self, ctx: UserExecutionContext, value: str | None) -> None:
+            if not seen:  # the other thread runs here, once
+                seen.append(())
+                seen[0] = (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path)
+            path_slot.__set__(ctx, value)
+
+    monkeypatch.setattr(context_module, "_PATH_SLOT", ReadInBetween())
+    ctx = _measured()
+    assert ctx.user_agent == _CLEANED[1]
+    assert seen == [_CLEANED]
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == _CLEANED
+
+
+def test_a_request_that_records_no_metadata_reads_none() -> None:
+    """Without a reader (``request_metadata=()``) every metadata field is None."""
+    ctx = request_context(
+        caller_template(full_context()), "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb",
+        None, None,
+    )  # fmt: skip
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == (None,) * 4

@@ -300,7 +300,8 @@ def test_clean_text_is_bounded_printable_and_accepted_by_the_context(
 def test_any_user_agent_bytes_give_a_context_that_survives_its_envelope(raw: bytes) -> None:
     """Any User-Agent bytes are recorded so that to_dict/from_dict (the envelope) accept them."""
     reader = MetadataReader(["user_agent"], TrustedProxies(()))
-    _, user_agent, _, _ = reader.read({"type": "http", "headers": []}, {b"user-agent": raw})
+    captured = reader.capture({"type": "http", "headers": []}, {b"user-agent": raw})
+    _, user_agent, _, _ = reader.clean(captured)
     ctx = UserExecutionContext(user_id="user_2hNqYf3kT9xWzL").replace(user_agent=user_agent)
     assert UserExecutionContext.from_dict(ctx.to_dict()) == ctx
 
