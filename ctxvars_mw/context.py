@@ -631,6 +631,10 @@ def evolve(ctx: UserExecutionContext, **changes: Any) -> UserExecutionContext:
     For callers that have already validated (and, for mappings, frozen) every changed value;
     anything else must go through :meth:`UserExecutionContext.replace`.
     """
+    for name in changes.keys() & _RAW_SLOTS.keys():
+        # Read first: a copy carries what such a field is made of, whose first read would
+        # put back the values the change replaces (the whole group is read at once).
+        getattr(ctx, name)
     new = _copy(ctx)
     for name, value in changes.items():
         setattr(new, name, value)

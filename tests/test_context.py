@@ -1417,6 +1417,29 @@ def test_a_child_of_unread_metadata_leaves_it_unread_in_both() -> None:
     assert raw(child) == raw(parent) == _CLEANED[0]
 
 
+@pytest.mark.parametrize(
+    "change",
+    [{"user_agent": "curl/9"}, {"client_ip": None}, {"trace_flags": 3}, {"path": "/y"}],
+)
+def test_evolving_a_field_read_on_first_use_keeps_the_change(change: dict[str, Any]) -> None:
+    """An unchecked copy that changes one field of an unread group (metadata, trace) keeps the
+    change when the group is then read, and the group's other fields as they were."""
+    from ctxvars_mw.context import evolve
+
+    ctx = request_context(
+        caller_template(full_context()), "req_aaaaaaaaaaaaaaaaaaaa", "corr_bbbbbbbbbbbbbbbbbbbb",
+        _TRACEPARENT, None, metadata=_READER.capture(_REQUEST, {b"user-agent": _RAW_AGENT}),
+    )  # fmt: skip
+    changed = evolve(ctx, **change)
+    ((name, value),) = change.items()
+    assert getattr(changed, name) == value
+    unchanged = dict(zip(REQUEST_METADATA_FIELDS, _CLEANED, strict=True))
+    unchanged |= {"trace_id": _TRACE, "trace_flags": 1}
+    for other, expected in unchanged.items():
+        if other != name:
+            assert getattr(changed, other) == expected, other
+
+
 def test_request_metadata_stays_frozen() -> None:
     """The metadata fields of a request's context cannot be assigned, read or not."""
     ctx = _measured()
