@@ -457,109 +457,77 @@ UserExecutionContext.__setattr__ = _frozen_setattr  # type: ignore[method-assign
 UserExecutionContext.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
 
 
-class _ReadOnFirstUse:
-    """A field whose slot holds what it is made from until it is first read (see the
-    subclasses); stores and deletes go to the slot itself. Equality, hashing, ``repr``,
-    pickling and copies read the field through here, so nothing outside this module sees
-    the raw value."""
+# -- fields read on first use -------------------------------------------------------------
+#
+# A few fields are costly to make and often never read: their slot holds what they are made
+# of until one of them is first read, which makes the field (and the others of its group)
+# and keeps it. The raw value's type is never the field's own, so each field tells from its
+# own slot whether it was read: a read is one slot read and one type check once the field
+# holds its value, and a thread that reads a field while another is storing its group sees
+# the raw value (and makes the same values itself) or the field's value. Equality, hashing,
+# ``repr``, pickling and ``to_dict`` read the fields, so nothing outside this module sees a
+# raw value; copies carry it as it is (``_RAW_SLOTS``).
 
-    __slots__ = ("slot",)
-
-    def __init__(self, slot: Any) -> None:
-        self.slot = slot  # the field's own member descriptor
-
-    def __set__(self, ctx: object, value: object) -> None:
-        self.slot.__set__(ctx, value)
-
-    def __delete__(self, ctx: object) -> None:
-        self.slot.__delete__(ctx)
+#: The slot (member descriptor) of each field read on first use, by name.
+_RAW_SLOTS: dict[str, Any] = {}
 
 
-class _CreationTime(_ReadOnFirstUse):
-    """``created_at``: a new context's slot holds ``time.time_ns()`` (a seventh of the cost of
-    ``datetime.now(UTC)``, on every request and child), turned into the timezone-aware UTC
-    datetime on first read (truncated to the microsecond, as ``datetime.now`` does) and
-    kept."""
+def _read_on_first_use(name: str, raw: type, fill: Callable[[Any, Any], None]) -> Any:
+    """Make field ``name`` read on first use: while its slot holds a value of type ``raw``,
+    a read calls ``fill(ctx, value)``, which stores the field (and its group); returns the
+    field's slot."""
+    slot = UserExecutionContext.__dict__[name]
+    get = slot.__get__
 
-    __slots__ = ()
-
-    def __get__(self, ctx: object, owner: type | None = None) -> Any:
-        if ctx is None:
-            return self
-        value = self.slot.__get__(ctx, owner)
-        if type(value) is int:
-            value = _EPOCH + timedelta(microseconds=value // 1000)
-            self.slot.__set__(ctx, value)
+    def read(ctx: Any) -> Any:
+        value = get(ctx)
+        if type(value) is raw:
+            fill(ctx, value)
+            value = get(ctx)
         return value
 
+    read.__name__ = read.__qualname__ = name
+    setattr(UserExecutionContext, name, property(read, slot.__set__, slot.__delete__))
+    _RAW_SLOTS[name] = slot
+    return slot
 
-_CREATED_AT_SLOT = UserExecutionContext.__dict__["created_at"]
-UserExecutionContext.created_at = _CreationTime(_CREATED_AT_SLOT)  # type: ignore[assignment,misc]
+
+def _fill_created_at(ctx: Any, ns: int) -> None:
+    """``created_at``: a new context's slot holds ``time.time_ns()`` (a seventh of the cost
+    of ``datetime.now(UTC)``, on every request and child), turned into the timezone-aware UTC
+    datetime (truncated to the microsecond, as ``datetime.now`` does)."""
+    _CREATED_AT_SLOT.__set__(ctx, _EPOCH + timedelta(microseconds=ns // 1000))
 
 
-class _Trace(_ReadOnFirstUse):
+def _fill_trace(ctx: Any, traceparent: bytes) -> None:
     """``trace_id`` and ``trace_flags``: a request's context keeps its raw ``traceparent``
-    header (bytes) in the ``trace_id`` slot, and reads it (:func:`~ctxvars_mw.w3c.trace_of`:
-    the trace id and flags of a valid header, else none) when either field is first read,
-    keeping both. A request whose trace nobody reads pays no parse; one that is read pays it
-    once."""
-
-    __slots__ = ()
-
-    def __get__(self, ctx: object, owner: type | None = None) -> Any:
-        if ctx is None:
-            return self
-        raw = _TRACE_ID_SLOT.__get__(ctx, owner)
-        if type(raw) is bytes:
-            trace_id, flags = trace_of(raw)
-            # The flags first: a thread that finds the trace id parsed finds its flags too.
-            _TRACE_FLAGS_SLOT.__set__(ctx, flags)
-            _TRACE_ID_SLOT.__set__(ctx, trace_id)
-        return self.slot.__get__(ctx, owner)
+    header (bytes) in both slots, read (:func:`~ctxvars_mw.w3c.trace_of`: the trace id and
+    flags of a valid header, else none) when either field is first read. A request whose
+    trace nobody reads pays no parse; one that is read pays it once."""
+    trace_id, flags = trace_of(traceparent)
+    _TRACE_ID_SLOT.__set__(ctx, trace_id)
+    _TRACE_FLAGS_SLOT.__set__(ctx, flags)
 
 
-_TRACE_ID_SLOT = UserExecutionContext.__dict__["trace_id"]
-_TRACE_FLAGS_SLOT = UserExecutionContext.__dict__["trace_flags"]
-UserExecutionContext.trace_id = _Trace(_TRACE_ID_SLOT)  # type: ignore[assignment,misc]
-UserExecutionContext.trace_flags = _Trace(_TRACE_FLAGS_SLOT)  # type: ignore[assignment,misc]
-
-
-class _RequestMetadata(_ReadOnFirstUse):
+def _fill_metadata(ctx: Any, captured: tuple[Any, ...]) -> None:
     """``client_ip``, ``user_agent``, ``method`` and ``path``: a request's context keeps what
     its middleware took of the request (``MetadataReader.capture``: the reader first, then
-    the request's raw values) in the ``client_ip`` slot, and has that reader clean them
-    (``MetadataReader.clean``) when one of the four is first read, keeping all four. A
-    request whose metadata nobody reads pays no cleaning; one that is read pays it once."""
-
-    __slots__ = ()
-
-    def __get__(self, ctx: object, owner: type | None = None) -> Any:
-        if ctx is None:
-            return self
-        captured = _CLIENT_IP_SLOT.__get__(ctx, owner)
-        if type(captured) is tuple:  # a client_ip is a str or None
-            client_ip, user_agent, method, path = captured[0].clean(captured)
-            # client_ip last: a thread that finds it cleaned finds the other three stored.
-            _USER_AGENT_SLOT.__set__(ctx, user_agent)
-            _METHOD_SLOT.__set__(ctx, method)
-            _PATH_SLOT.__set__(ctx, path)
-            _CLIENT_IP_SLOT.__set__(ctx, client_ip)
-        return self.slot.__get__(ctx, owner)
+    the request's raw values, a tuple) in the four slots, cleaned by that reader
+    (``MetadataReader.clean``) when one of the four is first read. A request whose metadata
+    nobody reads pays no cleaning; one that is read pays it once."""
+    client_ip, user_agent, method, path = captured[0].clean(captured)
+    _CLIENT_IP_SLOT.__set__(ctx, client_ip)
+    _USER_AGENT_SLOT.__set__(ctx, user_agent)
+    _METHOD_SLOT.__set__(ctx, method)
+    _PATH_SLOT.__set__(ctx, path)
 
 
+_CREATED_AT_SLOT = _read_on_first_use("created_at", int, _fill_created_at)
+_TRACE_ID_SLOT = _read_on_first_use("trace_id", bytes, _fill_trace)
+_TRACE_FLAGS_SLOT = _read_on_first_use("trace_flags", bytes, _fill_trace)
 _CLIENT_IP_SLOT, _USER_AGENT_SLOT, _METHOD_SLOT, _PATH_SLOT = (
-    UserExecutionContext.__dict__[name] for name in REQUEST_METADATA_FIELDS
+    _read_on_first_use(name, tuple, _fill_metadata) for name in REQUEST_METADATA_FIELDS
 )
-for _slot in (_CLIENT_IP_SLOT, _USER_AGENT_SLOT, _METHOD_SLOT, _PATH_SLOT):
-    setattr(UserExecutionContext, _slot.__name__, _RequestMetadata(_slot))
-
-#: The member descriptor of each field read on first use, by name: what ``_Filler`` stores
-#: into and the copies copy, as it is (a copy reads it on first use too).
-_RAW_SLOTS = {
-    name: value.slot
-    for name, value in vars(UserExecutionContext).items()
-    if isinstance(value, _ReadOnFirstUse)
-}
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(UserExecutionContext))
 _SLOTS = tuple(f.name for f in dataclasses.fields(UserExecutionContext))
 _SERIALIZED_NAMES = tuple(name for name in _SLOTS if name != "db_session")
@@ -678,10 +646,9 @@ def request_context(
     new.request_id = request_id
     new.correlation_id = correlation_id
     new.trace_id = trace_id
-    new.trace_flags = trace_flags
+    new.trace_flags = trace_id if type(trace_id) is bytes else trace_flags  # raw: see _fill_trace
     new.websocket_client_id = websocket_client_id
-    new.client_ip = metadata  # what is read on first use (_RequestMetadata), or None
-    {metadata} = None
+    {metadata} = metadata  # what is read on first use (_fill_metadata), or None
     new.created_at = _time()
     new.__class__ = UserExecutionContext
     if _track is not None:
@@ -689,7 +656,7 @@ def request_context(
     return new
 """
 _REQUEST_SOURCE = _REQUEST_SOURCE.replace(
-    "{metadata}", " = ".join(f"new.{name}" for name in REQUEST_METADATA_FIELDS[1:])
+    "{metadata}", " = ".join(f"new.{name}" for name in REQUEST_METADATA_FIELDS)
 )
 # Every ``new.<field>`` assigned, alone or in a tuple (``new.thread_id, new.run_id = ...``).
 _REQUEST_FIELDS = frozenset(re.findall(r"new\.(\w+)(?=(?:, new\.\w+)* =)", _REQUEST_SOURCE))
@@ -706,9 +673,9 @@ def _compile_request_context() -> Callable[..., UserExecutionContext]:
     context that holds the caller's identity, see ``ctxvars_mw.auth.admission``), with the
     request's checked ids and trace (``trace_flags`` being those of ``trace_id``; or, for
     ``trace_id``, the request's raw ``traceparent`` header, bytes, read on first use with
-    ``trace_flags`` 0: see ``_Trace``), and its ``metadata``: what
+    ``trace_flags`` 0: see ``_fill_trace``), and its ``metadata``: what
     ``MetadataReader.capture`` took of the request, cleaned into the fields of
-    :data:`REQUEST_METADATA_FIELDS` on first use (see ``_RequestMetadata``), or None for
+    :data:`REQUEST_METADATA_FIELDS` on first use (see ``_fill_metadata``), or None for
     none of them.
 
     New thread and run ids are drawn, unless the request is already handled by an ``outer``

@@ -1311,8 +1311,8 @@ def test_a_reader_while_a_parse_is_stored_sees_the_trace_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another thread that reads the trace while the first read is storing what it parsed
-    (here: when the flags are stored) sees the parsed id with its flags, never the id with
-    flags not yet set."""
+    (here: when the flags are stored, after the id) sees the parsed id with its flags, never
+    flags not yet parsed."""
     import ctxvars_mw.context as context_module
 
     flags_slot = context_module._TRACE_FLAGS_SLOT
@@ -1455,8 +1455,8 @@ def test_a_reader_while_the_metadata_is_stored_sees_it_whole(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Another thread that reads the metadata while the first read is storing it (here: when
-    the path, the last field before the client address, is stored) sees all four cleaned,
-    never a cleaned field beside one not yet stored."""
+    the path, the last of the four, is stored) sees all four cleaned, never a field not yet
+    stored."""
     import ctxvars_mw.context as context_module
 
     path_slot = context_module._PATH_SLOT
