@@ -156,9 +156,13 @@ class MetadataReader:
         client_ip = user_agent = None
         if peer:
             try:
-                client_ip = _canonical[peer[0]]
+                host = peer[0]
+            except (TypeError, KeyError, IndexError):  # not a [host, port] pair
+                host = None
+            try:
+                client_ip = _canonical[host]
             except (KeyError, TypeError):
-                client_ip = canonical_ip(peer[0])
+                client_ip = canonical_ip(host)
         if forwarded is not None and self.proxies is not None and self.proxies.trusts(client_ip):
             values = [forwarded] if type(forwarded) is bytes else forwarded
             client_ip = self.proxies.client(client_ip, values)

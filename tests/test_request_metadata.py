@@ -101,6 +101,15 @@ async def test_a_scope_without_a_client_records_none() -> None:
     assert (await context_of({"client": ["203.0.113.9", 1]})).client_ip == "203.0.113.9"
 
 
+@pytest.mark.parametrize("client", [7, object(), {"host": "203.0.113.9"}, ("203.0.113.9",)])
+async def test_a_scope_client_that_is_not_a_pair_records_none_when_read(client: object) -> None:
+    """A server that puts something else than ``[host, port]`` in ``scope["client"]`` gives
+    an unknown client (or the host, when it comes first), never an error on first read."""
+    ctx = await context_of({"client": client})
+    assert ctx.client_ip == ("203.0.113.9" if type(client) is tuple else None)
+    assert ctx.path == "/"
+
+
 def test_an_ipv6_peer_is_recorded_in_canonical_form() -> None:
     """An IPv6 peer is recorded compressed and lowercase; an IPv4-mapped one as its IPv4."""
     app = ContextMiddleware(starlette_app())
