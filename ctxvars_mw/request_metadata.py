@@ -163,17 +163,19 @@ class MetadataReader:
                 client_ip = _canonical[host]
             except (KeyError, TypeError):
                 client_ip = canonical_ip(host)
-        if forwarded is not None and self.proxies is not None and self.proxies.trusts(client_ip):
-            values = [forwarded] if type(forwarded) is bytes else forwarded
-            client_ip = self.proxies.client(client_ip, values)
-        if raw_agent is not None and raw_agent is not REPEATED:  # two of them say nothing
+        # A header value that is not bytes is not an ASGI one: as if it were absent.
+        if type(forwarded) is bytes:  # one header line (a list: every line of a repeated one)
+            forwarded = [forwarded]
+        if type(forwarded) is list and self.proxies is not None and self.proxies.trusts(client_ip):
+            client_ip = self.proxies.client(client_ip, forwarded)
+        if type(raw_agent) is bytes and raw_agent is not REPEATED:  # two of them say nothing
             try:
                 user_agent = _user_agents[raw_agent]
             except KeyError:
                 user_agent = remember(
                     _user_agents, raw_agent, _user_agent(raw_agent), _USER_AGENTS_MAX
                 )
-        if method is not None and method not in _METHODS:
+        if method is not None and (type(method) is not str or method not in _METHODS):
             method = clean_text(method, MAX_METHOD_LENGTH)
         if path is not None and (
             type(path) is not str or len(path) > MAX_PATH_LENGTH or not path.isprintable()

@@ -110,6 +110,24 @@ async def test_a_scope_client_that_is_not_a_pair_records_none_when_read(client: 
     assert ctx.path == "/"
 
 
+async def test_values_that_are_not_asgi_ones_record_none_when_read() -> None:
+    """A server or middleware that puts text where ASGI has bytes (a header value) or a list
+    where it has text (the method) gives no value for those fields, never an error on their
+    first read; a forwarded header that is not bytes is ignored (the peer is the client)."""
+    found: list[UserExecutionContext] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        found.append(get_context())
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    headers: Any = ((b"user-agent", "curl/8"), (b"x-forwarded-for", "198.51.100.4"))
+    scope = http_scope("/", headers, client=PEER)
+    scope["method"] = ["GET"]
+    await call(ContextMiddleware(app, trusted_proxies=["*"]), scope)
+    ctx = found[0]
+    assert (ctx.client_ip, ctx.user_agent, ctx.method, ctx.path) == (PEER[0], None, None, "/")
+
+
 def test_an_ipv6_peer_is_recorded_in_canonical_form() -> None:
     """An IPv6 peer is recorded compressed and lowercase; an IPv4-mapped one as its IPv4."""
     app = ContextMiddleware(starlette_app())
