@@ -558,10 +558,10 @@ def _compile_copy(name: str, skip: frozenset[str]) -> Callable[[UserExecutionCon
     one).
 
     Generated from the field declarations, as dataclasses generates ``__init__``: one plain
-    attribute copy per field, with no loop and no ``getattr``/``setattr`` calls.
+    attribute copy per field (a field read on first use through its slot, as it is), with no
+    loop and no ``getattr``/``setattr`` calls.
     """
     lines = [f"def {name}(src):", "    new = _new(_Filler)"]
-    # A field read on first use is copied as it is, through its slot (_RAW_SLOTS).
     reads = {slot: f"_raw_{slot}(src)" if slot in _RAW_SLOTS else f"src.{slot}" for slot in _SLOTS}
     lines += [f"    new.{slot} = {reads[slot]}" for slot in _SLOTS if slot not in skip]
     lines.append("    return new")

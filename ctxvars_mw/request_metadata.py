@@ -32,7 +32,7 @@ from .context import (
     REQUEST_METADATA_FIELDS,
 )
 from .errors import ConfigurationError
-from .proxies import TrustedProxies, _canonical, canonical_ip, header_values
+from .proxies import TrustedProxies, canonical_ip, header_values
 from .types import Scope
 
 __all__ = [
@@ -120,7 +120,7 @@ class MetadataReader:
             wanted.add(_USER_AGENT)
         if self.proxies is not None:
             wanted.add(self.proxies.header)
-        #: The request headers :meth:`read` needs from ``read_headers``.
+        #: The request headers :meth:`capture` needs from ``read_headers``.
         self.wanted = frozenset(wanted)
 
     def capture(self, scope: Scope, found: dict[bytes, bytes]) -> Captured:
@@ -150,19 +150,13 @@ class MetadataReader:
     def clean(self, captured: Captured) -> Metadata:
         """``(client_ip, user_agent, method, path)``, bounded and sanitised (see the module
         docstring), from what :meth:`capture` took of a request."""
-        # Each field's common case is written out here (a remembered peer and user agent, a
-        # short printable method and path).
         _, peer, raw_agent, method, path, forwarded = captured
-        client_ip = user_agent = None
-        if peer:
-            try:
-                host = peer[0]
-            except (TypeError, KeyError, IndexError):  # not a [host, port] pair
-                host = None
-            try:
-                client_ip = _canonical[host]
-            except (KeyError, TypeError):
-                client_ip = canonical_ip(host)
+        user_agent = None
+        try:
+            host = peer[0] if peer else None
+        except (TypeError, KeyError, IndexError):  # not a [host, port] pair
+            host = None
+        client_ip = canonical_ip(host)  # None for anything but an address
         # A header value that is not bytes is not an ASGI one: as if it were absent.
         if type(forwarded) is bytes:  # one header line (a list: every line of a repeated one)
             forwarded = [forwarded]
